@@ -1,0 +1,207 @@
+"""The instructor's commands: ``python -m autograde <command>`` from the repository root.
+
+Each command is a thin layer over nbgrader's own; what nbgrader lacks is added
+here: regenerating every phase, collecting from a plain folder, resource limits
+while grading, and a validate that fails with a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+from autograde import layout, notebooks
+
+
+def nbgrader(*args: str, memory_gb: float | None = None) -> int:
+    """Run an nbgrader command from the repository root (where its config is); return its exit code."""
+    env = dict(os.environ)
+    # A new gradebook runs the `alembic` found on PATH: it must be this environment's.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    limit = None if memory_gb is None else _memory_limiter(int(memory_gb * 2**30))
+    return subprocess.run([sys.executable, "-m", "nbgrader", *args], cwd=layout.ROOT, env=env,
+                          preexec_fn=limit).returncode
+
+
+def _memory_limiter(limit_bytes: int):
+    """A function that caps the address space of the process it runs in (and of the kernels
+    it starts), so that a memory bomb becomes a MemoryError inside one cell."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        print("warning: no memory limit on this platform", file=sys.stderr)
+        return None
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
+    return limit
+
+
+def _phases(selected: list[str] | None) -> list[str]:
+    phases = layout.available_phases()
+    for phase in selected or []:
+        if phase not in phases:
+            raise SystemExit(f"unknown phase {phase!r}; the phases are {', '.join(phases)}")
+    return selected or phases
+
+
+def release(args) -> int:
+    """Regenerate course/ (the student notebooks) from solutions/."""
+    for phase in _phases(args.phase):
+        code = nbgrader("generate_assignment", phase, "--force", "--no-db")
+        if code:
+            return code
+        for path in sorted((layout.RELEASE / phase).rglob("*.ipynb")):
+            notebooks.clean_file(path)
+    return 0
+
+
+def clean(args) -> int:
+    """Strip outputs, execution counts and volatile metadata from every source notebook."""
+    for path in sorted(layout.SOURCE.rglob("*.ipynb")):
+        if ".ipynb_checkpoints" not in path.parts and notebooks.clean_file(path):
+            print(f"cleaned {path.relative_to(layout.ROOT)}")
+    return 0
+
+
+def sync_gradebook(phases: list[str]) -> int:
+    """Record the phases' graded cells in the gradebook, which autograding needs.
+
+    course/ is generated without the gradebook (--no-db); here the same
+    generation runs into a throw-away folder, with the gradebook.
+    """
+    with tempfile.TemporaryDirectory() as scratch:
+        for phase in phases:
+            code = nbgrader("generate_assignment", phase, "--force",
+                            f"--CourseDirectory.release_directory={scratch}")
+            if code:
+                return code
+    return 0
+
+
+def collect(args) -> int:
+    """Copy submissions from a folder of <student>/<notebook>.ipynb into autograde/submitted."""
+    [phase] = _phases([args.phase])
+    source = Path(args.folder)
+    count = 0
+    for student_dir in sorted(p for p in source.iterdir() if p.is_dir()):
+        files = sorted(student_dir.glob("*.ipynb")) or sorted(student_dir.glob(f"{phase}/*.ipynb"))
+        if not files:
+            continue
+        target = layout.SUBMITTED / student_dir.name / phase
+        target.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            shutil.copy2(f, target / f.name)
+        stamp = datetime.fromtimestamp(max(f.stat().st_mtime for f in files), timezone.utc)
+        (target / "timestamp.txt").write_text(stamp.strftime("%Y-%m-%d %H:%M:%S.%f %Z"))
+        count += 1
+    print(f"collected {count} submission(s) of {phase}")
+    return 0
+
+
+def collect_zip(args) -> int:
+    """Collect an LMS bulk download (a zip of <student>_<notebook>.ipynb files) with nbgrader's zip_collect."""
+    [phase] = _phases([args.phase])
+    archive = layout.DOWNLOADED / phase / "archive"
+    archive.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(args.zipfile, archive)
+    return nbgrader("zip_collect", phase, "--force")
+
+
+def autograde(args) -> int:
+    """Grade every collected submission (or one student's), each cell under time and memory limits."""
+    phases = [p for p in _phases(args.phase) if any(layout.SUBMITTED.glob(f"*/{p}"))]
+    if not phases:
+        print("nothing to grade: no submissions in autograde/submitted")
+        return 0
+    code = sync_gradebook(phases)
+    if code:
+        return code
+    status = 0
+    for phase in phases:
+        extra = ["--force"] if args.force else []
+        if args.timeout:
+            extra.append(f"--Execute.timeout={args.timeout}")
+        if args.student:
+            extra.append(f"--student={args.student}")
+        status |= nbgrader("autograde", phase, *extra, memory_gb=args.memory_gb)
+    if status:
+        print("Some submissions could not be graded; the others were. See the log above.")
+    return status
+
+
+def feedback(args) -> int:
+    """Write HTML feedback for every autograded submission (hidden tests removed)."""
+    phases = [p for p in _phases(args.phase) if any(layout.AUTOGRADED.glob(f"*/{p}"))]
+    status = 0
+    for phase in phases:
+        status |= nbgrader("generate_feedback", phase, "--force")
+    return status
+
+
+def export(args) -> int:
+    """Export every grade in the gradebook to a CSV file."""
+    return nbgrader("export", f"--to={Path(args.to).resolve()}")
+
+
+def validate(args) -> int:
+    """Run notebooks as nbgrader's Validate button does; exit 1 if any test fails."""
+    from nbgrader.validator import Validator
+    from traitlets.config.loader import PyFileConfigLoader
+
+    config = PyFileConfigLoader("nbgrader_config.py", path=str(layout.ROOT)).load_config()
+    validator = Validator(config=config)
+    failed = 0
+    for name in args.notebooks:
+        results = validator.validate(str(Path(name).resolve()))
+        problems = {k: v for k, v in results.items() if k in ("failed", "changed", "type_changed")}
+        if not problems:
+            print(f"{name}: all visible tests pass.")
+            continue
+        failed += 1
+        for kind, cells in problems.items():
+            what = {"failed": "failing test cell(s)", "changed": "test cell(s) edited",
+                    "type_changed": "cell(s) whose type changed"}[kind]
+            print(f"{name}: {len(cells)} {what}")
+            for cell in cells:
+                print("  - " + (cell["source"].splitlines() or ["(empty cell)"])[0])
+                if cell.get("raw_error"):
+                    print("    " + cell["raw_error"].strip().splitlines()[-1])
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m autograde", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(func, help_text=None):
+        p = sub.add_parser(func.__name__.replace("_", "-"), help=help_text or func.__doc__.splitlines()[0])
+        p.set_defaults(func=func)
+        return p
+
+    command(release).add_argument("--phase", action="append", help="only this phase (repeatable)")
+    command(clean)
+    p = command(collect)
+    p.add_argument("folder")
+    p.add_argument("--phase", required=True)
+    p = command(collect_zip)
+    p.add_argument("zipfile")
+    p.add_argument("--phase", required=True)
+    p = command(autograde)
+    p.add_argument("--phase", action="append")
+    p.add_argument("--student")
+    p.add_argument("--force", action="store_true", help="grade again submissions already graded")
+    p.add_argument("--memory-gb", type=float, default=8.0, help="address-space limit per submission")
+    p.add_argument("--timeout", type=int, help="seconds a cell may run (default: nbgrader_config.py)")
+    command(feedback).add_argument("--phase", action="append")
+    command(export).add_argument("--to", default=str(layout.STATE / "grades.csv"))
+    command(validate).add_argument("notebooks", nargs="+")
+
+    args = parser.parse_args(argv)
+    return args.func(args)

@@ -1,0 +1,52 @@
+"""nbgrader configuration for the course.
+
+Loaded through the stub ``nbgrader_config.py`` at the repository root, so every
+nbgrader command must run from there (``python -m autograde ...`` does).
+"""
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# The feedback preprocessor below lives in the autograde package at the root.
+sys.path.insert(0, str(ROOT))
+
+from autograde.feedback import HideHiddenTests  # noqa: E402
+from autograde.layout import LMS_FILENAME_REGEX  # noqa: E402
+from nbconvert.preprocessors import CSSHTMLHeaderPreprocessor  # noqa: E402
+from nbgrader.preprocessors import GetGrades  # noqa: E402
+
+c = get_config()  # noqa: F821 (injected by traitlets)
+
+c.CourseDirectory.course_id = "llm-course"
+c.CourseDirectory.root = str(ROOT)
+c.CourseDirectory.source_directory = "solutions"
+c.CourseDirectory.release_directory = "course"
+# Instructor state: git-ignored, under autograde/.
+c.CourseDirectory.submitted_directory = "autograde/submitted"
+c.CourseDirectory.autograded_directory = "autograde/autograded"
+c.CourseDirectory.feedback_directory = "autograde/feedback"
+c.CourseDirectory.solution_directory = "autograde/released_solutions"
+c.ZipCollectApp.archive_directory = "archive"
+c.ZipCollectApp.extracted_directory = "extracted"
+c.CourseDirectory.db_url = f"sqlite:///{ROOT / 'autograde' / 'gradebook.db'}"
+
+# Kernels started by nbgrader inherit this process's environment. A grade cell that
+# writes anything to stderr scores 0, so warnings and progress bars are silenced there.
+os.environ["PYTHONWARNINGS"] = "ignore"
+os.environ["TQDM_DISABLE"] = "1"
+
+# A cell that runs longer than this is interrupted and scores 0; grading goes on.
+c.Execute.timeout = 120
+c.Execute.interrupt_on_timeout = True
+
+# A student who deletes a locked test cell gets it back (and is graded on it).
+c.OverwriteCells.add_missing_cells = True
+
+# Feedback shows which exercises failed and the visible messages, never hidden tests.
+c.GenerateFeedback.preprocessors = [GetGrades, CSSHTMLHeaderPreprocessor, HideHiddenTests]
+
+# LMS downloads (zip_collect): "<student>_[late_][<numbers>_]<notebook>.ipynb", as Canvas names them.
+c.ZipCollectApp.collector_plugin = "nbgrader.plugins.FileNameCollectorPlugin"
+c.FileNameCollectorPlugin.named_regexp = LMS_FILENAME_REGEX

@@ -1,0 +1,82 @@
+"""Run one graded exercise of a source notebook in-process, with any implementation.
+
+The mutation tests use this to prove that the hidden tests of an exercise
+fail common mistakes and pass correct solutions written differently, without
+starting a kernel. Conventions it relies on (every phase follows them):
+
+* the notebook's set-up cell has nbgrader ``grade_id`` ``setup``;
+* an exercise ``exN`` has one solution cell ``exN_solution`` and one or more
+  graded test cells whose ``grade_id`` starts with ``exN_test``;
+* a test cell needs only the set-up cell and its exercise's solution cell.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nbformat
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Outcome:
+    """Points earned per test cell, and the failure message of each failed cell."""
+
+    earned: dict[str, float] = field(default_factory=dict)
+    possible: dict[str, float] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def full_marks(self) -> bool:
+        return self.earned == self.possible
+
+    @property
+    def lost_points(self) -> bool:
+        return sum(self.earned.values()) < sum(self.possible.values())
+
+
+class SourceNotebook:
+    """A notebook in ``solutions/``, read once, whose exercises can be re-run."""
+
+    def __init__(self, relative_path: str):
+        self.path = ROOT / relative_path
+        self.nb = nbformat.read(self.path, as_version=4)
+        self.cells = {c.metadata["nbgrader"]["grade_id"]: c for c in self.nb.cells
+                      if "nbgrader" in c.metadata and "grade_id" in c.metadata["nbgrader"]}
+
+    def exercises(self) -> list[str]:
+        return [gid.removesuffix("_solution") for gid in self.cells if gid.endswith("_solution")]
+
+    def tests_of(self, exercise: str) -> list[str]:
+        return [gid for gid, c in self.cells.items()
+                if gid.startswith(f"{exercise}_test") and c.metadata["nbgrader"].get("grade")]
+
+    def solution_source(self, exercise: str) -> str:
+        return self.cells[f"{exercise}_solution"].source
+
+    def run(self, exercise: str, solution_source: str | None = None) -> Outcome:
+        """Run the set-up cell, ``solution_source`` (default: the reference solution)
+        and every test cell of ``exercise``, hidden tests included."""
+        namespace: dict = {"__name__": "__main__"}
+        sink = io.StringIO()
+        with contextlib.redirect_stdout(sink):
+            exec(compile(self.cells["setup"].source, "setup", "exec"), namespace)
+            source = self.solution_source(exercise) if solution_source is None else solution_source
+            exec(compile(source, f"{exercise}_solution", "exec"), namespace)
+        outcome = Outcome()
+        for gid in self.tests_of(exercise):
+            points = float(self.cells[gid].metadata["nbgrader"]["points"])
+            outcome.possible[gid] = points
+            try:
+                with contextlib.redirect_stdout(sink):
+                    exec(compile(self.cells[gid].source, gid, "exec"), namespace)
+                outcome.earned[gid] = points
+            except Exception:  # a failing test cell, as nbgrader would see it
+                outcome.earned[gid] = 0.0
+                outcome.errors[gid] = traceback.format_exc(limit=-3)
+        return outcome

@@ -1,0 +1,61 @@
+"""Unit tests of the instructor tooling that need no nbgrader run."""
+
+import re
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
+
+from autograde import layout, notebooks
+from autograde.feedback import HideHiddenTests
+from autograde.cli import main
+
+
+def grade_cell(source, outputs=()):
+    cell = new_code_cell(source, outputs=list(outputs))
+    cell.metadata["nbgrader"] = {"grade": True, "grade_id": "t", "locked": True, "points": 1,
+                                 "schema_version": 3, "solution": False}
+    return cell
+
+
+def test_feedback_removes_hidden_tests_and_tracebacks():
+    error = new_output("error", ename="AssertionError", evalue="weights do not sum to 1",
+                       traceback=["Traceback ...", "assert secret_reference(x)"])
+    cell = grade_cell("check(x)\n### BEGIN HIDDEN TESTS\nassert secret_reference(x)\n### END HIDDEN TESTS",
+                      [new_output("stream", name="stdout", text="visible message\n"), error])
+    nb = new_notebook(cells=[new_markdown_cell("intro"), cell])
+    nb, _ = HideHiddenTests().preprocess(nb, {})
+    text = nbformat.writes(nb)
+    assert "secret_reference" not in text and "Traceback" not in text
+    assert "visible message" in text
+    assert "This test did not pass. AssertionError: weights do not sum to 1" in text
+
+
+def test_notebook_cleaning_strips_outputs_and_volatile_metadata(tmp_path):
+    cell = new_code_cell("1 + 1", outputs=[new_output("execute_result", data={"text/plain": "2"})],
+                         execution_count=3)
+    cell.metadata["collapsed"] = True
+    nb = new_notebook(cells=[cell], metadata={"widgets": {"state": {}}})
+    path = tmp_path / "n.ipynb"
+    nbformat.write(nb, path)
+    assert len(notebooks.problems(path)) == 3
+    assert notebooks.clean_file(path)
+    assert notebooks.problems(path) == []
+    assert not notebooks.clean_file(path), "cleaning is idempotent"
+
+
+def test_lms_file_names_are_parsed():
+    pattern = re.compile(layout.LMS_FILENAME_REGEX)
+    for name, student in [("/x/alice_attention.ipynb", "alice"),
+                          ("/x/bob.smith_1234_5678_attention.ipynb", "bob.smith"),
+                          ("/x/carol_late_12_34_attention.ipynb", "carol")]:
+        match = pattern.match(name)
+        assert match and match["student_id"] == student and match["file_id"] == "attention.ipynb"
+
+
+def test_unknown_phase_is_refused(capsys):
+    try:
+        main(["release", "--phase", "99_nonsense"])
+    except SystemExit as stop:
+        assert "unknown phase" in str(stop)
+    else:
+        raise AssertionError("an unknown phase must be refused")
