@@ -14,7 +14,7 @@ TORCH_INDEX ?= $(shell [ "$$(uname -s)" = Linux ] && ! command -v nvidia-smi >/d
 PIP := $(BIN)/python -m pip install $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 PHASE ?=
 
-.PHONY: setup lab test release clean-notebooks validate autograde feedback grades help
+.PHONY: setup lab test release clean-notebooks validate autograde feedback grades benchmark help
 
 help:
 	@sed -n '1,4p' Makefile | sed 's/^# *//'
@@ -54,3 +54,6 @@ feedback: setup
 
 grades: setup
 	$(BIN)/python -m autograde export
+
+benchmark: setup
+	$(BIN)/python tests/benchmark.py

@@ -155,6 +155,7 @@ def test_deleted_test_cell_is_restored(graded):
 
 def feedback_text(root, student):
     page = (root / "autograde" / "feedback" / student / PHASE / NOTEBOOK.replace(".ipynb", ".html")).read_text()
+    page = re.sub(r"<(style|script)[^>]*>.*?</\1>", "", page, flags=re.S)
     return html.unescape(re.sub(r"<[^>]+>", "", page))
 
 
@@ -173,7 +174,6 @@ def test_feedback_shows_failures_but_no_hidden_test(graded, student):
     text = feedback_text(root, student)
     leaked = [line for line in hidden_lines() if line in text]
     assert not leaked, f"hidden tests leak into {student}'s feedback: {leaked[:3]}"
-    assert "Traceback" not in text
     failed_marker = "This test did not pass"
     assert (failed_marker in text) == bool(STUDENTS[student][1])
 
