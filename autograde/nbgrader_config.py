@@ -4,13 +4,13 @@ Loaded through the stub ``nbgrader_config.py`` at the repository root, so every
 nbgrader command must run from there (``python -m autograde ...`` does).
 """
 
-import os
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # The feedback preprocessor below lives in the autograde package at the root.
-sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 from autograde.feedback import HideHiddenTests  # noqa: E402
 from autograde.layout import LMS_FILENAME_REGEX  # noqa: E402
@@ -27,16 +27,19 @@ c.CourseDirectory.release_directory = "course"
 c.CourseDirectory.submitted_directory = "autograde/submitted"
 c.CourseDirectory.autograded_directory = "autograde/autograded"
 c.CourseDirectory.feedback_directory = "autograde/feedback"
-c.CourseDirectory.solution_directory = "autograde/released_solutions"
 c.ZipCollectApp.downloaded_directory = "autograde/downloaded"
 c.ZipCollectApp.archive_directory = "archive"
 c.ZipCollectApp.extracted_directory = "extracted"
 c.CourseDirectory.db_url = f"sqlite:///{ROOT / 'autograde' / 'gradebook.db'}"
 
-# Kernels started by nbgrader inherit this process's environment. A grade cell that
-# writes anything to stderr scores 0, so warnings and progress bars are silenced there.
-os.environ["PYTHONWARNINGS"] = "ignore"
-os.environ["TQDM_DISABLE"] = "1"
+# A grade cell that writes anything to stderr scores 0, so the kernels nbgrader starts
+# (autograde, validate, the Validate button) silence warnings and progress bars first.
+# Set in the kernel, not in this process: the Validate button loads this file into the
+# Jupyter server, whose environment every student kernel inherits.
+c.Execute.extra_arguments = [
+    "--IPKernelApp.exec_lines=import os, warnings; warnings.simplefilter('ignore'); "
+    "os.environ['TQDM_DISABLE'] = '1'"
+]
 
 # A cell that runs longer than this is interrupted and scores 0; grading goes on.
 c.Execute.timeout = 120

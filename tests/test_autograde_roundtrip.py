@@ -58,11 +58,24 @@ def untouched():
     return nbformat.read(layout.RELEASE / PHASE / NOTEBOOK, as_version=4)
 
 
-HONEST_WITH_NOISE = submission(replace={
-    # Warnings and progress bars write to stderr, which nbgrader scores as a failure: they must not cost marks.
-    "ex1": "import warnings, tqdm\nwarnings.warn('a harmless warning')\nfor _ in tqdm.tqdm(range(3)): pass\n"
-           + SOURCE.solution_source("ex1"),
-})
+# Every function of the cell warns and draws a progress bar when the test cell calls it. Both write
+# to stderr, which nbgrader scores as a failed test: a correct answer must not lose marks for it.
+NOISE = """
+import functools, sys, warnings, tqdm
+def _noisy(function):
+    @functools.wraps(function)
+    def noisy(*args, **kwargs):
+        warnings.warn("a harmless warning")
+        for _ in tqdm.tqdm(range(2)):
+            pass
+        return function(*args, **kwargs)
+    return noisy
+_this_cell = sys._getframe().f_code.co_filename
+for _name, _value in list(globals().items()):
+    if callable(_value) and getattr(getattr(_value, "__code__", None), "co_filename", None) == _this_cell:
+        globals()[_name] = _noisy(_value)
+"""
+HONEST_WITH_NOISE = submission(replace={"ex3": SOURCE.solution_source("ex3") + NOISE})
 
 STUDENTS = {
     # name: (notebook, marks lost per exercise)
@@ -144,6 +157,13 @@ def test_each_submission_gets_exactly_its_marks(graded, student):
         earned = sum(got[g] for g in SOURCE.tests_of(exercise))
         expected = points(exercise) - lost.get(exercise, 0)
         assert earned == expected, f"{student} earned {earned} on {exercise}, expected {expected}"
+
+
+def test_untouched_release_runs_to_the_end(graded):
+    root, _ = graded
+    nb = nbformat.read(root / "autograde" / "autograded" / "bob" / PHASE / NOTEBOOK, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.execution_count for c in code), "grading stopped before the last cell"
 
 
 def test_deleted_test_cell_is_restored(graded):
