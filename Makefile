@@ -26,6 +26,8 @@ $(BIN)/python:
 $(VENV)/.installed: $(BIN)/python pyproject.toml $(CONSTRAINTS)
 	$(PIP) --retries 0 $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) torch
 	$(PIP) -e .
+	@# The notebooks ask for this kernel by name, so they never run in another interpreter.
+	$(BIN)/python -m ipykernel install --sys-prefix --name llm-course --display-name "LLM course" >/dev/null
 	touch $@
 
 setup: $(VENV)/.installed

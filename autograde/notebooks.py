@@ -6,7 +6,8 @@ import nbformat
 
 # The only notebook-level metadata kept: which kernel runs it. Everything else
 # (widget state, language_info details, timings) changes on every run.
-KERNELSPEC = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
+# The kernel `make setup` installs, running the course's own environment.
+KERNELSPEC = {"display_name": "LLM course", "language": "python", "name": "llm-course"}
 # nbgrader marks locked cells not deletable or editable in the released notebooks.
 CELL_METADATA_KEPT = ("nbgrader", "tags", "deletable", "editable")
 
