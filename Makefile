@@ -14,7 +14,7 @@ TORCH_INDEX ?= $(shell [ "$$(uname -s)" = Linux ] && ! command -v nvidia-smi >/d
 PIP := $(BIN)/python -m pip install $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 PHASE ?=
 
-.PHONY: setup lab test release clean-notebooks validate autograde feedback grades benchmark help
+.PHONY: setup lab test release clean-notebooks validate collect collect-zip autograde feedback grades benchmark help
 
 help:
 	@sed -n '1,4p' Makefile | sed 's/^# *//'
@@ -47,6 +47,12 @@ clean-notebooks: setup
 
 validate: setup
 	$(BIN)/python -m autograde validate $(NOTEBOOK)
+
+collect: setup
+	$(BIN)/python -m autograde collect $(FROM) --phase $(PHASE)
+
+collect-zip: setup
+	$(BIN)/python -m autograde collect-zip $(ZIP) --phase $(PHASE)
 
 autograde: setup
 	$(BIN)/python -m autograde autograde $(if $(PHASE),--phase $(PHASE))
