@@ -9,9 +9,12 @@ test to celebrate.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Mapping, Sequence
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 
 def passed(message: str) -> None:
@@ -49,6 +52,7 @@ def check_shape(tensor, expected: Sequence[int], name: str = "output") -> None:
 def check_finite(tensor, name: str = "output", hint: str = "") -> None:
     """Fail if ``tensor`` holds NaN or infinite values; ``hint`` suggests the likely cause."""
     check_type(tensor, torch.Tensor, name)
+    tensor = tensor.detach()
     bad = ~torch.isfinite(tensor)
     if bad.any():
         kinds = []
@@ -95,6 +99,7 @@ def check_distribution(probs, dim: int = -1, name: str = "weights", atol: float 
     softmax (or normalisation) was taken over the wrong axis.
     """
     check_type(probs, torch.Tensor, name)
+    probs = probs.detach()
     check_finite(probs, name, "A softmax of finite scores is always finite: is the maximum subtracted "
                               "before exponentiating?")
     if (probs < -atol).any():
@@ -120,3 +125,61 @@ def check_gradients_flow(parameters, name: str = "the module") -> None:
                                  "and is it registered as an nn.Parameter (or inside a sub-module)?")
         if p.grad is not None:
             check_finite(p.grad, f"the gradient of {pname}")
+
+
+# ---------------------------------------------------------------------------
+# Tools for tests that check how a result was computed, not only what it is
+# ---------------------------------------------------------------------------
+
+class _ForbiddenOps(TorchDispatchMode):
+    """Raise as soon as an operator whose name contains one of ``fragments`` runs.
+
+    It works below Python, where every route to a computation meets: ``torch.softmax``,
+    ``F.softmax``, ``x.softmax`` and ``nn.Softmax`` all end in the same ``softmax`` operator.
+    """
+
+    def __init__(self, fragments: Sequence[str], message: str):
+        super().__init__()
+        self.fragments = tuple(fragments)
+        self.message = message
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if any(fragment in name for fragment in self.fragments):
+            raise AssertionError(f"{self.message} (PyTorch operator `{name}` was called)")
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def forbid_ops(fragments: Sequence[str], message: str):
+    """Inside this block, any PyTorch operator whose name contains one of ``fragments`` raises
+    ``AssertionError(message)``: the tests of an exercise that asks you to write something
+    yourself use it so that calling the built-in cannot pass."""
+    with _ForbiddenOps(fragments, message):
+        yield
+
+
+class LargestTensor(TorchDispatchMode):
+    """Record the largest block of memory that any PyTorch operator returns inside the block.
+
+    >>> with LargestTensor() as record:
+    ...     out = my_attention(q, k, v)
+    >>> record.largest_bytes
+
+    Views (transpose, slicing, expand) share the memory of the tensor they view,
+    so they count with that tensor's size, never more.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.largest_bytes = 0
+        self.largest_shape: tuple[int, ...] = ()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                size = tensor.untyped_storage().nbytes()
+                if size > self.largest_bytes:
+                    self.largest_bytes, self.largest_shape = size, tuple(tensor.shape)
+        return out

@@ -1,0 +1,391 @@
+"""Phase 1 helpers: toy data, figures, an explorer and measuring tools for attention.
+
+Nothing here solves a graded exercise. Where a helper needs attention itself it
+calls PyTorch's ``F.scaled_dot_product_attention`` as the trusted reference,
+or takes your function as an argument.
+
+* the digit-reversal task: ``reversal_batch``, ``ReversalModel``, ``train_reversal``, ``alignment_figure``
+* why the 1/sqrt(d) scale: ``saturation_figure``
+* references and test tools: ``reference_weights``, ``forbid_builtins``,
+  ``copy_mha_weights``
+* the interactive ``attention_explorer``
+* the memory/time comparison: ``benchmark_attention``, ``benchmark_figures``
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import statistics
+import time
+from typing import Callable, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import checks, plots, runtime
+
+# ---------------------------------------------------------------------------
+# The digit-reversal task (exercise 1)
+# ---------------------------------------------------------------------------
+
+N_DIGITS = 10
+BOS = N_DIGITS  # the token that starts every decoder input
+VOCAB_SIZE = N_DIGITS + 1
+
+
+def reversal_batch(batch_size: int, length: int, generator: torch.Generator | None = None):
+    """Random digit sequences and their reversals: ``src``, ``tgt`` of shape (batch_size, length).
+
+    Reversal is the classic alignment test: output position i must look at
+    input position length-1-i, so a model that learned to attend shows an
+    anti-diagonal.
+    """
+    src = torch.randint(0, N_DIGITS, (batch_size, length), generator=generator)
+    return src, src.flip(-1)
+
+
+class ReversalModel(nn.Module):
+    """A small GRU encoder-decoder that reads the source through an attention module.
+
+    ``attention(query, keys, mask)`` must map a decoder state ``query`` (B, d_model)
+    and the encoder states ``keys`` (B, T, d_model) to ``(context (B, d_model),
+    weights (B, T))``, which is what exercise 1's ``AdditiveAttention`` does.
+
+    At output step i the decoder state of the previous step asks the attention
+    module where to look (Bahdanau et al. 2014, section 3.1); the context it
+    gets back is fed to the GRU together with the previous output token.
+    """
+
+    def __init__(self, attention: nn.Module, d_model: int = 64):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB_SIZE, d_model)
+        self.encoder = nn.GRU(d_model, d_model, batch_first=True)
+        self.attention = attention
+        self.decoder = nn.GRUCell(2 * d_model, d_model)
+        self.readout = nn.Linear(2 * d_model, VOCAB_SIZE)
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor):
+        """Teacher-forced decoding: logits (B, T_out, VOCAB_SIZE) and attention weights (B, T_out, T_in)."""
+        keys, last = self.encoder(self.embed(src))
+        state = last[0]
+        previous = torch.cat([torch.full_like(tgt[:, :1], BOS), tgt[:, :-1]], dim=1)
+        logits, weights = [], []
+        for i in range(tgt.shape[1]):
+            context, w = self.attention(state, keys)
+            state = self.decoder(torch.cat([self.embed(previous[:, i]), context], dim=-1), state)
+            logits.append(self.readout(torch.cat([state, context], dim=-1)))
+            weights.append(w)
+        return torch.stack(logits, dim=1), torch.stack(weights, dim=1)
+
+
+def train_reversal(model: ReversalModel, steps: int, *, length: int = 8, batch_size: int = 64,
+                   lr: float = 3e-3, seed: int = 0) -> list[float]:
+    """Train ``model`` to reverse digit sequences; return the loss of every step."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    losses = []
+    model.train()
+    for _ in runtime.progress(range(steps), desc="training"):
+        src, tgt = reversal_batch(batch_size, length, generator)
+        logits, _ = model(src, tgt)
+        loss = F.cross_entropy(logits.reshape(-1, VOCAB_SIZE), tgt.reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+@torch.no_grad()
+def alignment_figure(model: ReversalModel, length: int = 8, seed: int = 1):
+    """Heatmap of the attention weights for one fresh sequence, with the accuracy in the title."""
+    model.eval()
+    src, tgt = reversal_batch(1, length, torch.Generator().manual_seed(seed))
+    logits, weights = model(src, tgt)
+    accuracy = (logits.argmax(-1) == tgt).float().mean().item()
+    return plots.heatmap(weights[0], x=[str(d) for d in src[0].tolist()], y=[str(d) for d in tgt[0].tolist()],
+                         title=f"Where each output digit looks (teacher-forced accuracy {accuracy:.0%})",
+                         xaxis_title="input digit (key)", yaxis_title="output digit (query)",
+                         zmin=0, zmax=1, height=420, width=480)
+
+
+# ---------------------------------------------------------------------------
+# References built on PyTorch's own attention
+# ---------------------------------------------------------------------------
+
+def reference_weights(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None = None, *,
+                      is_causal: bool = False, scale: float | None = None) -> torch.Tensor:
+    """The attention weights (..., T_q, T_k) that ``F.scaled_dot_product_attention`` uses.
+
+    The built-in returns only ``weights @ v``; with the identity matrix as ``v``
+    that product is the weights themselves.
+    """
+    t_k = k.shape[-2]
+    eye = torch.eye(t_k, dtype=q.dtype, device=q.device).expand(*q.shape[:-2], t_k, t_k)
+    return F.scaled_dot_product_attention(q, k, eye, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+
+
+def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """PyTorch's textbook ("math") attention, which builds the full (T_q, T_k) score matrix."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+@torch.no_grad()
+def saturation_figure(dims: Sequence[int] = (4, 16, 64, 256, 1024), n_keys: int = 32, n_queries: int = 256,
+                      seed: int = 0):
+    """Why divide by sqrt(d): the largest attention weight of random queries and keys, with and without it.
+
+    Entries of q and k are N(0, 1), so q.k has variance d: without the scale the
+    softmax gets ever more peaked (close to one-hot) as d grows.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    scaled, unscaled = [], []
+    for d in dims:
+        q = torch.randn(n_queries, d, generator=generator)
+        k = torch.randn(n_keys, d, generator=generator)
+        scaled.append(reference_weights(q, k).amax(-1).mean().item())
+        unscaled.append(reference_weights(q, k, scale=1.0).amax(-1).mean().item())
+    return plots.line_chart(list(dims), {"q·k / √d": scaled, "q·k (no scale)": unscaled}, log_x=True,
+                            title=f"Average largest weight over {n_keys} random keys",
+                            xaxis_title="head dimension d", yaxis_title="largest softmax weight")
+
+
+@torch.no_grad()
+def copy_mha_weights(source: nn.MultiheadAttention, target: nn.Module) -> nn.Module:
+    """Copy the parameters of PyTorch's ``nn.MultiheadAttention`` into a module with
+    ``q_proj``, ``k_proj``, ``v_proj`` and ``out_proj`` linear layers; return ``target``.
+
+    PyTorch stores the three input projections stacked in one ``in_proj_weight``
+    of shape (3 * d_model, d_model), in the order query, key, value.
+    """
+    weights = source.in_proj_weight.chunk(3)
+    biases = source.in_proj_bias.chunk(3)
+    for layer, weight, bias in zip((target.q_proj, target.k_proj, target.v_proj), weights, biases):
+        layer.weight.copy_(weight)
+        layer.bias.copy_(bias)
+    target.out_proj.weight.copy_(source.out_proj.weight)
+    target.out_proj.bias.copy_(source.out_proj.bias)
+    return target
+
+
+# ---------------------------------------------------------------------------
+# Tools for the tests: switch the built-ins off
+# ---------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def forbid_builtins(softmax: bool = True):
+    """Inside this block, PyTorch's attention (and, if ``softmax``, every built-in softmax) raises.
+
+    The tests of an exercise that asks you to write attention or a softmax
+    yourself run your function inside it, so calling the built-in cannot pass.
+    """
+    fragments = ["scaled_dot_product", "_safe_softmax"] + (["softmax"] if softmax else [])
+    what = "PyTorch's softmax and attention functions are" if softmax else "PyTorch's attention functions are"
+    message = f"{what} switched off while this test runs: this exercise asks you to write them yourself"
+    original = F.scaled_dot_product_attention
+
+    def switched_off(*args, **kwargs):
+        raise AssertionError(f"{message} (F.scaled_dot_product_attention was called)")
+
+    F.scaled_dot_product_attention = switched_off
+    try:
+        with checks.forbid_ops(fragments, message):
+            yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+
+# ---------------------------------------------------------------------------
+# The attention explorer
+# ---------------------------------------------------------------------------
+
+EXPLORER_TOKENS = "the cat sat on the mat because the cat was tired <pad> <pad> <pad>".split()
+HEAD_NAMES = ("previous token", "same word", "first token", "random (untrained)")
+
+
+def toy_heads(tokens: Sequence[str] = EXPLORER_TOKENS, d: int = 16, strength: float = 3.0, seed: int = 0):
+    """Queries and keys (4, T, d) of four attention heads built by hand, one per pattern in ``HEAD_NAMES``.
+
+    Each hand-made head puts ``strength`` (after the 1/sqrt(d) scale) on the
+    keys it is looking for, so the patterns are clear but not one-hot:
+    ``previous token`` matches one-hot positions shifted by one, ``same word``
+    matches one-hot word identities, ``first token`` gives every query the same
+    vector that only key 0 answers. Trained models grow heads like these
+    (Clark et al. 2019 describe previous-token heads, and heads parking attention on special tokens, in BERT).
+    """
+    t = len(tokens)
+    words = {w: i for i, w in enumerate(dict.fromkeys(tokens))}
+    if max(t, len(words)) > d:
+        raise ValueError(f"d={d} is too small for {t} tokens")
+    boost = strength * math.sqrt(d)
+    position = torch.eye(d)[:t]
+    identity = torch.eye(d)[[words[w] for w in tokens]]
+    previous = torch.eye(d)[[max(i - 1, 0) for i in range(t)]]
+    first_query = torch.zeros(t, d)
+    first_query[:, 0] = 1.0
+    first_key = torch.zeros(t, d)
+    first_key[0, 0] = 1.0
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.stack([boost * previous, boost * identity, boost * first_query, torch.randn(t, d, generator=generator)])
+    k = torch.stack([position, identity, first_key, torch.randn(t, d, generator=generator)])
+    return q, k
+
+
+class _LiveFigure:
+    """A figure whose heatmaps can be redrawn in place.
+
+    plotly's ``FigureWidget`` does that smoothly, but plotly 6+ needs the
+    ``anywidget`` package for it; without it the figure is redrawn in an output area.
+    """
+
+    def __init__(self, fig):
+        import ipywidgets as widgets
+        import plotly.graph_objects as go
+
+        try:
+            self.fig = go.FigureWidget(fig)
+            self.widget, self._output = self.fig, None
+        except ImportError:  # plotly 6+ without anywidget
+            self.fig = fig
+            self.widget = self._output = widgets.Output()
+            self._redraw()
+
+    def _redraw(self):
+        from IPython.display import display
+
+        self._output.clear_output(wait=True)
+        with self._output:
+            display(self.fig)
+
+    def update(self, matrices, title: str):
+        with contextlib.ExitStack() as stack:
+            if self._output is None:
+                stack.enter_context(self.fig.batch_update())
+            for trace, z in zip(self.fig.data, matrices):
+                trace.z = z.tolist()
+            self.fig.layout.title.text = title
+        if self._output is not None:
+            self._redraw()
+
+
+def attention_explorer(sdpa: Callable | None = None, causal_mask: Callable | None = None,
+                       padding_mask: Callable | None = None):
+    """Interactive heatmaps of four attention heads on a short sentence.
+
+    Sliders and buttons change the temperature (logits divided by tau before the
+    softmax) and the mask (none, causal, or padding: the three ``<pad>`` keys hidden).
+    The weights come from PyTorch's built-in attention, or from your own
+    ``sdpa(q, k, v, mask) -> (output, weights)``, ``causal_mask(t)`` and
+    ``padding_mask(lengths, t)`` when you choose "yours"; if they are not
+    finished yet (or fail), the explorer says so and shows PyTorch's weights.
+    """
+    import ipywidgets as widgets
+
+    tokens = EXPLORER_TOKENS
+    t = len(tokens)
+    n_real = sum(tok != "<pad>" for tok in tokens)
+    q, k = toy_heads(tokens)
+    v = torch.zeros(k.shape)  # the explorer shows the weights only
+
+    def builtin(mask_kind, tau):
+        key_is_real = torch.tensor([tok != "<pad>" for tok in tokens])
+        mask = key_is_real.expand(t, t) if mask_kind == "padding" else None
+        return reference_weights(q / tau, k, attn_mask=mask, is_causal=mask_kind == "causal")
+
+    def yours(mask_kind, tau):
+        mask = {"none": lambda: None, "causal": lambda: causal_mask(t),
+                "padding": lambda: padding_mask(torch.tensor([n_real]), t)}[mask_kind]()
+        return sdpa(q / tau, k, v, mask)[1]
+
+    temperature = widgets.FloatLogSlider(value=1.0, base=10, min=-1, max=1, step=0.05,
+                                         description="temperature τ", continuous_update=True)
+    masking = widgets.ToggleButtons(options=["none", "causal", "padding"], description="mask")
+    source = widgets.ToggleButtons(options=["PyTorch", "yours"], description="weights from",
+                                   disabled=sdpa is None)
+    status = widgets.HTML()
+    figure = _LiveFigure(plots.heatmap_grid([torch.zeros(t, t)] * len(HEAD_NAMES), HEAD_NAMES, x=tokens, y=tokens,
+                                            height=380))
+
+    def refresh(_=None):
+        tau, mask_kind = temperature.value, masking.value
+        note = ""
+        weights = None
+        if source.value == "yours":
+            try:
+                weights = yours(mask_kind, tau)
+            except NotImplementedError:
+                note = "Your functions are not finished yet: showing PyTorch's weights."
+            except Exception as error:  # a half-written function: show why, keep exploring
+                note = f"Your functions raised {type(error).__name__}: {error}. Showing PyTorch's weights."
+        if weights is None:
+            weights = builtin(mask_kind, tau)
+        status.value = f"<i>{note}</i>" if note else ""
+        figure.update(weights.detach(), f"softmax(q·kᵀ / (√d · τ)), τ = {tau:.2f}, mask: {mask_kind}")
+
+    for control in (temperature, masking, source):
+        control.observe(refresh, names="value")
+    refresh()
+    return widgets.VBox([widgets.HBox([temperature, masking]), source, status, figure.widget])
+
+
+# ---------------------------------------------------------------------------
+# Measuring memory and time (exercise 5)
+# ---------------------------------------------------------------------------
+
+def time_call(function: Callable, *args, repeats: int = 3) -> float:
+    """Median wall-clock seconds of ``function(*args)`` over ``repeats`` runs (after one warm-up run)."""
+    function(*args)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function(*args)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def benchmark_attention(implementations: Mapping[str, Callable], lengths: Sequence[int], *, d: int = 64,
+                        repeats: int = 3, time_only: Sequence[str] = (), seed: int = 0) -> dict:
+    """Time each ``implementation(q, k, v)`` and record the largest tensor it creates, for each length T.
+
+    q, k, v have shape (1, T, d). Returns ``{"lengths": [...], "seconds": {name: [...]},
+    "largest_mb": {name: [...]}}``; an implementation that raises ``NotImplementedError``
+    gets ``None`` entries (a gap in the figures). Memory is not recorded for the
+    names in ``time_only``: a fused kernel's internal buffers are invisible from Python.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    results = {"lengths": list(lengths), "seconds": {n: [] for n in implementations},
+               "largest_mb": {n: [] for n in implementations if n not in time_only}}
+    for t in runtime.progress(lengths, desc="lengths"):
+        q, k, v = (torch.randn(1, t, d, generator=generator) for _ in range(3))
+        for name, function in implementations.items():
+            try:
+                if name not in time_only:
+                    with checks.LargestTensor() as record:
+                        function(q, k, v)
+                    results["largest_mb"][name].append(record.largest_bytes / 2**20)
+                results["seconds"][name].append(time_call(function, q, k, v, repeats=repeats))
+            except NotImplementedError:
+                results["seconds"][name].append(None)
+                if name not in time_only:
+                    results["largest_mb"][name].append(None)
+    return results
+
+
+def benchmark_figures(results: dict):
+    """Two line charts (largest intermediate tensor, time) of a ``benchmark_attention`` result."""
+    where = "measured on this machine, CPU"
+    memory = plots.line_chart(results["lengths"], results["largest_mb"], log_x=True, log_y=True,
+                              title=f"Largest tensor created during the call ({where})",
+                              xaxis_title="sequence length T", yaxis_title="MiB")
+    seconds = plots.line_chart(results["lengths"], {n: [None if s is None else 1000 * s for s in ys]
+                                                    for n, ys in results["seconds"].items()},
+                               log_x=True, log_y=True, title=f"Time per call ({where})",
+                               xaxis_title="sequence length T", yaxis_title="milliseconds")
+    return memory, seconds
