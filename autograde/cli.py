@@ -1,8 +1,9 @@
 """The instructor's commands: ``python -m autograde <command>`` from the repository root.
 
 Each command is a thin layer over nbgrader's own; what nbgrader lacks is added
-here: regenerating every phase, collecting from a plain folder, resource limits
-while grading, and a validate that fails with a non-zero exit code.
+here: regenerating every phase, collecting from a plain folder, sandboxed and
+verified parallel grading (``batch.py``), and a validate that fails with a
+non-zero exit code.
 """
 
 from __future__ import annotations
@@ -16,31 +17,17 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from autograde import layout, notebooks
+from autograde import batch, layout, notebooks
 
 
-def nbgrader(*args: str, memory_gb: float | None = None) -> int:
-    """Run an nbgrader command from the repository root (where its config is); return its exit code."""
-    env = dict(os.environ)
+def nbgrader(*args: str, env: dict | None = None, log=None) -> int:
+    """Run an nbgrader command from the repository root (where its config is); return its exit code.
+    ``env`` adds variables; ``log`` (a file) receives its output instead of the terminal."""
+    full_env = dict(os.environ, **(env or {}))
     # A new gradebook runs the `alembic` found on PATH: it must be this environment's.
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    limit = None if memory_gb is None else _memory_limiter(int(memory_gb * 2**30))
-    return subprocess.run([sys.executable, "-m", "nbgrader", *args], cwd=layout.ROOT, env=env,
-                          preexec_fn=limit).returncode
-
-
-def _memory_limiter(limit_bytes: int):
-    """A function that caps the address space of the process it runs in (and of the kernels
-    it starts), so that a memory bomb becomes a MemoryError inside one cell."""
-    try:
-        import resource
-    except ImportError:  # Windows
-        print("warning: no memory limit on this platform", file=sys.stderr)
-        return None
-
-    def limit():
-        resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
-    return limit
+    full_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full_env.get('PATH', '')}"
+    return subprocess.run([sys.executable, "-m", "nbgrader", *args], cwd=layout.ROOT, env=full_env,
+                          stdout=log, stderr=subprocess.STDOUT if log else None).returncode
 
 
 def _phases(selected: list[str] | None) -> list[str]:
@@ -115,7 +102,7 @@ def collect_zip(args) -> int:
 
 
 def autograde(args) -> int:
-    """Grade every collected submission (or one student's), each cell under time and memory limits."""
+    """Grade every collected submission (or one student's) in parallel, sandboxed and verified."""
     phases = [p for p in _phases(args.phase) if any(layout.SUBMITTED.glob(f"*/{p}"))]
     if not phases:
         print("nothing to grade: no submissions in autograde/submitted")
@@ -123,17 +110,8 @@ def autograde(args) -> int:
     code = sync_gradebook(phases)
     if code:
         return code
-    status = 0
-    for phase in phases:
-        extra = ["--force"] if args.force else []
-        if args.timeout:
-            extra.append(f"--Execute.timeout={args.timeout}")
-        if args.student:
-            extra.append(f"--student={args.student}")
-        status |= nbgrader("autograde", phase, *extra, memory_gb=args.memory_gb)
-    if status:
-        print("Some submissions could not be graded; the others were. See the log above.")
-    return status
+    return batch.run(phases, student=args.student, force=args.force, timeout=args.timeout,
+                     memory_gb=args.memory_gb, workers=args.workers)
 
 
 def feedback(args) -> int:
@@ -146,8 +124,12 @@ def feedback(args) -> int:
 
 
 def export(args) -> int:
-    """Export every grade in the gradebook to a CSV file."""
-    return nbgrader("export", f"--to={Path(args.to).resolve()}")
+    """Export every grade in the gradebook to a CSV file, with each submission's grading status and flags."""
+    target = Path(args.to).resolve()
+    code = nbgrader("export", f"--to={target}")
+    if not code:
+        batch.annotate_export(target)
+    return code
 
 
 def validate(args) -> int:
@@ -198,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--student")
     p.add_argument("--force", action="store_true", help="grade again submissions already graded")
     p.add_argument("--memory-gb", type=float, default=8.0, help="address-space limit per submission")
-    p.add_argument("--timeout", type=int, help="seconds a cell may run (default: nbgrader_config.py)")
+    p.add_argument("--timeout", type=int, default=120, help="seconds a cell may run")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="submissions graded at once (default: one per core)")
     command(feedback).add_argument("--phase", action="append")
     command(export).add_argument("--to", default=str(layout.STATE / "grades.csv"))
     command(validate).add_argument("notebooks", nargs="+")

@@ -30,7 +30,8 @@ c.CourseDirectory.feedback_directory = "autograde/feedback"
 c.ZipCollectApp.downloaded_directory = "autograde/downloaded"
 c.ZipCollectApp.archive_directory = "archive"
 c.ZipCollectApp.extracted_directory = "extracted"
-c.CourseDirectory.db_url = f"sqlite:///{ROOT / 'autograde' / 'gradebook.db'}"
+# Submissions are graded in parallel, one nbgrader process each: SQLite waits for the lock.
+c.CourseDirectory.db_url = f"sqlite:///{ROOT / 'autograde' / 'gradebook.db'}?timeout=60"
 
 # A grade cell that writes anything to stderr scores 0, so the kernels nbgrader starts
 # (autograde, validate, the Validate button) silence warnings and progress bars first.
@@ -40,6 +41,10 @@ c.Execute.extra_arguments = [
     "--IPKernelApp.exec_lines=import os, warnings; warnings.simplefilter('ignore'); "
     "os.environ['TQDM_DISABLE'] = '1'"
 ]
+
+# Student code runs in a sandbox (autograde/sandbox.py): no network, no view of solutions/,
+# the gradebook or other students, a private working directory, limits on memory and processes.
+c.Execute.kernel_manager_class = "autograde.sandbox.SandboxedKernelManager"
 
 # A cell that runs longer than this is interrupted and scores 0; grading goes on.
 c.Execute.timeout = 120

@@ -59,3 +59,34 @@ def test_unknown_phase_is_refused(capsys):
         assert "unknown phase" in str(stop)
     else:
         raise AssertionError("an unknown phase must be refused")
+
+
+def test_suspicion_flags_patching_and_machinery_but_not_plain_code():
+    from autograde.suspicion import flags
+    setup = "import torch\nfrom utils import checks"
+    honest = ["def f(x):\n    \"\"\"Weights sum to 1...\"\"\"\n    y = x.softmax(-1)\n    return y\n%time f(1)"]
+    assert flags(honest, setup) == []
+    found = flags(["torch.testing.assert_close = print", "get_ipython().input_transformers_cleanup.append(1)",
+                   "import ctypes", "open('../../solutions/x.ipynb').read()", "checks.check_close = print"], setup)
+    for expected in ("assigns torch.testing.assert_close", "calls get_ipython()", "imports ctypes",
+                     "calls open()", "'solutions'", "assigns checks.check_close"):
+        assert any(expected in flag for flag in found), (expected, found)
+
+
+def test_stripped_metadata_is_restored_from_the_release(tmp_path):
+    from autograde.repair import check, restore_metadata
+    release = new_notebook(cells=[new_markdown_cell("intro"), grade_cell("assert f(1) == 2"),
+                                  new_code_cell("def f(x):\n    raise NotImplementedError")])
+    release.cells[2].metadata["nbgrader"] = {"grade": False, "grade_id": "ex1_solution", "locked": False,
+                                             "schema_version": 3, "solution": True}
+    release.cells[1], release.cells[2] = release.cells[2], release.cells[1]
+    nbformat.write(release, tmp_path / "release.ipynb")
+    student = new_notebook(cells=[new_markdown_cell("intro"), new_code_cell("def f(x):\n    return x + 1"),
+                                  new_code_cell("assert f(1) == 2")])
+    nbformat.write(student, tmp_path / "student.ipynb")
+    assert restore_metadata(tmp_path / "student.ipynb", tmp_path / "release.ipynb")
+    repaired = nbformat.read(tmp_path / "student.ipynb", as_version=4)
+    assert [c.metadata.get("nbgrader", {}).get("grade_id") for c in repaired.cells] == [None, "ex1_solution", "t"]
+    assert restore_metadata(tmp_path / "student.ipynb", tmp_path / "release.ipynb") == [], "idempotent"
+    (tmp_path / "bad.ipynb").write_text("{ not json")
+    assert "invalid" in check(tmp_path / "bad.ipynb")

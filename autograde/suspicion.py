@@ -1,0 +1,112 @@
+"""A static scan of a submission's editable cells for code that has no place in an answer.
+
+Flags are for a human to review (they go into the grade export and the batch summary);
+they change no score. The sandbox and the verifier are what make cheating pointless.
+"""
+
+from __future__ import annotations
+
+import ast
+
+from IPython.core.inputtransformer2 import TransformerManager
+
+# Calls and attributes that an answer about attention never needs, with what each suggests.
+CALLS = {
+    "get_ipython": "IPython machinery (input transformers, custom exceptions, events)",
+    "exec": "exec/eval/compile", "eval": "exec/eval/compile", "compile": "exec/eval/compile",
+    "__import__": "dynamic import", "open": "file access", "setattr": "setattr (monkeypatching?)",
+    "delattr": "delattr (monkeypatching?)", "globals": "globals() manipulation",
+    "breakpoint": "debugger",
+}
+ATTRIBUTES = {
+    "settrace": "trace function", "setprofile": "profile function", "_getframe": "frame access",
+    "currentframe": "frame access", "stack": None, "f_back": "frame access", "f_globals": "frame access",
+    "f_locals": "frame access", "tb_frame": "frame access", "set_custom_exc": "IPython custom exceptions",
+    "input_transformers_cleanup": "IPython input transformer", "input_transformers_post": "IPython input transformer",
+    "system": "shell command", "popen": "shell command", "_exit": "process exit", "exit": "process exit",
+    "kill": "signals", "remove": "file access", "unlink": "file access", "rename": "file access",
+    "replace": None, "write_text": "file access", "write_bytes": "file access", "read_text": "file access",
+    "read_bytes": "file access", "listdir": "file access", "scandir": "file access", "walk": "file access",
+    "chdir": "file access", "rmtree": "file access", "copy": None, "urlopen": "network",
+}
+MODULES = {
+    "sys": None, "os": None, "gc": "garbage collector", "ctypes": "ctypes", "importlib": "importlib",
+    "inspect": "frame access", "subprocess": "subprocess", "socket": "network", "urllib": "network",
+    "requests": "network", "http": "network", "signal": "signals", "shutil": "file access",
+    "pathlib": None, "builtins": "builtins", "threading": "threads", "multiprocessing": "processes",
+    "pickle": "pickle", "marshal": "marshal", "types": None, "glob": "file access", "io": None,
+}
+HARMLESS_MAGICS = ("time", "timeit", "matplotlib", "prun", "debug", "who", "whos", "pdb")
+WORDS = ("solutions", "gradebook", "autograde", ".ipynb", "/etc/", "../")
+
+
+def flags(sources: list[str], setup: str = "") -> list[str]:
+    """What in ``sources`` (the student's cells) deserves a human look, deduplicated, in order.
+    ``setup`` is the notebook's set-up cell: the modules it imports must not be patched either."""
+    found: list[str] = []
+    transform = TransformerManager().transform_cell
+    given = {a.asname or a.name.split(".")[0] for node in ast.walk(ast.parse(setup))
+             if isinstance(node, (ast.Import, ast.ImportFrom)) for a in node.names}
+    for source in sources:
+        try:
+            tree = ast.parse(transform(source))
+        except SyntaxError:
+            continue
+        found += _scan(tree, given | set(MODULES) | {"torch", "np", "numpy", "F", "nn", "math"})
+    return list(dict.fromkeys(found))
+
+
+def _scan(tree: ast.AST, modules: set[str]) -> list[str]:
+    found = []
+    imported = set(modules)
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            for name in names:
+                top = name.split(".")[0]
+                imported.add(top)
+                if MODULES.get(top):
+                    found.append(f"imports {top} ({MODULES[top]})")
+            if isinstance(node, ast.ImportFrom):
+                imported.update(a.asname or a.name for a in node.names)
+    # `%time` and friends become get_ipython().run_line_magic(...): harmless ones are not flagged.
+    magics = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                and node.func.attr in ("run_line_magic", "run_cell_magic") and node.args \
+                and isinstance(node.args[0], ast.Constant):
+            magics.add(id(node.func.value))
+            if node.args[0].value not in HARMLESS_MAGICS:
+                found.append(f"uses the %{node.args[0].value} magic")
+    for node in ast.walk(tree):
+        if id(node) in magics:
+            continue
+        if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Delete)):
+            targets = node.targets if isinstance(node, (ast.Assign, ast.Delete)) else [node.target]
+            for target in targets:
+                if isinstance(target, ast.Attribute) and _root_name(target) in imported:
+                    found.append(f"assigns {ast.unparse(target)} (monkeypatching a module or class?)")
+                if isinstance(target, ast.Subscript) and "__dict__" in ast.unparse(target.value):
+                    found.append(f"writes {ast.unparse(target)} (monkeypatching)")
+        elif isinstance(node, ast.Call):
+            name = node.func.id if isinstance(node.func, ast.Name) else None
+            if name in CALLS:
+                found.append(f"calls {name}() ({CALLS[name]})")
+            if name == "getattr" and len(node.args) > 1 and not isinstance(node.args[1], ast.Constant):
+                found.append("getattr with a computed name")
+        elif isinstance(node, ast.Attribute) and ATTRIBUTES.get(node.attr):
+            found.append(f"uses .{node.attr} ({ATTRIBUTES[node.attr]})")
+        elif isinstance(node, ast.Name) and node.id in ("__builtins__", "__loader__", "__spec__"):
+            found.append(f"uses {node.id}")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            word = next((w for w in WORDS if w in node.value), None)
+            if word and len(node.value) < 300:
+                found.append(f"mentions {word!r} in a string (a path outside the notebook?)")
+    return found
+
+
+def _root_name(node: ast.Attribute) -> str | None:
+    """The name at the left of ``a.b.c``, or None when it is not a plain name."""
+    while isinstance(node, ast.Attribute):
+        node = node.value
+    return node.id if isinstance(node, ast.Name) else None

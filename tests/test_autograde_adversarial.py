@@ -1,0 +1,210 @@
+"""One batch of attacks on the autograder, graded together with two honest submissions.
+
+Every honest submission gets exactly its marks; every attack gains no point it did not earn and
+is flagged where a human should look; no hidden test reaches any feedback; the gradebook and the
+repository's files are intact. Sandbox-specific attacks (reading solutions/, writing the helpers,
+the fork bomb) run only where bubblewrap works; elsewhere they are skipped with a message.
+"""
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+
+import nbformat
+import pytest
+from nbgrader.api import Gradebook
+
+from autograde import layout, sandbox
+from test_autograde_roundtrip import (MISSING_SCALE, NOTEBOOK, PHASE, SOURCE, TOTAL, course_copy,
+                                      feedback_text, hidden_lines, instructor, points, submission)
+
+SANDBOXED = sandbox.level() == "bubblewrap"
+needs_bwrap = pytest.mark.skipif(not SANDBOXED, reason="bubblewrap unavailable: sandbox-specific "
+                                 f"assertions skipped (level here: {sandbox.level()})")
+EX1 = SOURCE.solution_source("ex1")
+# A wrong answer that runs (uniform weights): only switched-off checks would let it pass.
+WRONG_EX1 = EX1.replace("weights = torch.softmax(scores, dim=-1)", "weights = torch.ones_like(scores) / scores.shape[-1]")
+assert WRONG_EX1 != EX1, "update WRONG_EX1 to the new solution"
+
+
+def with_ex1(prefix: str, solve=False):
+    return submission(replace={"ex1": prefix + ("\n" + EX1 if solve else "\n" + WRONG_EX1)})
+
+
+def stripped():
+    nb = submission()
+    for cell in nb.cells:
+        cell.metadata.pop("nbgrader", None)
+    return nb
+
+
+READ_SECRETS = """
+import glob
+for pattern in ["*.ipynb", "../**/*.ipynb", "/tmp/**/solutions/**/*.ipynb", "{root}/solutions/*/*.ipynb",
+                "{root}/autograde/autograded/*/*/*.ipynb", "{repo}/solutions/*/*.ipynb"]:
+    for path in glob.glob(pattern, recursive=True):
+        try:
+            print(open(path).read())
+        except OSError as error:
+            print(error)
+"""
+
+# name: (notebook, the most points it may earn, flagged?, sandbox only?)
+def attacks(root):
+    full, lose1 = TOTAL, TOTAL - points("ex1")
+    cases = {
+        "honest_full": (submission(), full, False, False),
+        "honest_partial": (submission(replace={"ex2": MISSING_SCALE}), full - points("ex2"), False, False),
+        "infinite_loop": (with_ex1("while True:\n    pass", solve=True), lose1, False, False),
+        "swallows_interrupt": (with_ex1("while True:\n    try:\n        while True:\n            pass\n"
+                                        "    except BaseException:\n        pass", solve=True), lose1, False, False),
+        "memory_bomb": (with_ex1("hog = bytearray(12 * 2**30)", solve=True), lose1, False, False),
+        "huge_output": (with_ex1("for _ in range(200_000):\n    print('x' * 100)", solve=True), full, False, False),
+        "kernel_crash": (with_ex1("import os\nos._exit(1)", solve=True), lose1, True, False),
+        "segfault": (with_ex1("import ctypes\nctypes.string_at(0)", solve=True), lose1, True, False),
+        "sys_exit": (with_ex1("import sys\nsys.exit(0)", solve=True), lose1, True, False),
+        "monkeypatch": (with_ex1("import torch, utils.checks\ntorch.testing.assert_close = lambda *a, **k: None\n"
+                                 "torch.allclose = lambda *a, **k: True\nfor n in dir(utils.checks):\n"
+                                 "    setattr(utils.checks, n, lambda *a, **k: None)"), lose1, True, False),
+        "builtins": (with_ex1("import builtins\nbuiltins.isinstance = lambda *a: True\n"
+                              "builtins.AssertionError = type('Nothing', (Exception,), {})"), lose1, True, False),
+        "transformer": (with_ex1("get_ipython().input_transformers_cleanup.append(lambda lines: ['pass\\n'])"),
+                        lose1, True, False),
+        "settrace": (with_ex1("import sys\ndef tracer(frame, event, arg):\n    return None\nsys.settrace(tracer)"),
+                     lose1, True, False),
+        "custom_exc": (with_ex1("get_ipython().set_custom_exc((BaseException,), lambda *a, **k: None)"),
+                       lose1, True, False),
+        "rebinds_checks": (with_ex1("class _Yes:\n    def __getattr__(self, name):\n        return lambda *a, **k: None\n"
+                                    "checks = _Yes()"), lose1, False, False),
+        "reads_hidden_tests": (with_ex1(READ_SECRETS.format(root=root, repo=layout.ROOT), solve=True),
+                               full, True, True),
+        "writes_gradebook": (with_ex1(f"try:\n    open({str(root / 'autograde' / 'gradebook.db')!r}, 'wb')"
+                                      ".write(b'x')\nexcept OSError:\n    pass", solve=True), full, True, True),
+        "edits_helpers": (with_ex1("import utils, os\nopen(os.path.join(utils.__path__[0], 'checks.py'), 'a')"
+                                   ".write('\\ndef check_close(*a, **k): pass\\n')"), lose1, True, True),
+        "fork_bomb": (with_ex1("import os\nfor _ in range(2000):\n    try:\n        if os.fork() == 0:\n"
+                               "            import time; time.sleep(30); os._exit(0)\n    except OSError:\n"
+                               "        break", solve=True), full, True, True),
+        "utils_beside": (with_ex1(""), lose1, False, False),
+        "deleted_test": (submission(delete={SOURCE.tests_of("ex3")[0]}), full, False, False),
+        "stripped_metadata": (stripped(), full, False, False),
+    }
+    return {k: v for k, v in cases.items() if SANDBOXED or not v[3]}
+
+
+FAKE_UTILS = "class checks:\n    def __getattr__(self, name):\n        return lambda *a, **k: None\n"
+
+
+def tree_hash(*folders):
+    digest = hashlib.sha256()
+    for folder in folders:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file() and "__pycache__" not in path.parts:
+                digest.update(str(path).encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory):
+    root = course_copy(tmp_path_factory.mktemp("adversarial"))
+    cases = attacks(root)
+    inbox = root.parent / "inbox"
+    for name, (nb, *_) in cases.items():
+        (inbox / name).mkdir(parents=True)
+        nbformat.write(nb, inbox / name / NOTEBOOK)
+    (inbox / "invalid_json").mkdir()
+    (inbox / "invalid_json" / NOTEBOOK).write_text('{"cells": [ this is not json')
+    repo_before = tree_hash(layout.ROOT / "utils", layout.ROOT / "solutions", layout.ROOT / "course")
+    assert instructor(root, "collect", str(inbox), "--phase", PHASE).returncode == 0
+    (root / "autograde" / "submitted" / "utils_beside" / PHASE / "utils.py").write_text(FAKE_UTILS)
+    graded = instructor(root, "autograde", "--timeout", "20", "--memory-gb", "6")
+    feedback = instructor(root, "feedback")
+    export = instructor(root, "export", "--to", str(root / "grades.csv"))
+    repo_after = tree_hash(layout.ROOT / "utils", layout.ROOT / "solutions", layout.ROOT / "course")
+    return root, cases, graded, feedback, export, repo_before == repo_after
+
+
+def record(root, student):
+    return json.loads((root / "autograde" / "records" / PHASE / f"{student}.json").read_text())
+
+
+def total(root, student):
+    with Gradebook(f"sqlite:///{root / 'autograde' / 'gradebook.db'}") as gb:
+        return gb.find_submission(PHASE, student).score
+
+
+def test_batch_reports_what_it_could_not_grade(batch):
+    root, cases, graded, feedback, export, _ = batch
+    assert graded.returncode == 1, "an invalid submission must make the exit code non-zero"
+    assert "invalid_json" in graded.stdout and "invalid" in graded.stdout
+    assert feedback.returncode == 0 and export.returncode == 0, feedback.stderr + export.stderr
+    assert any((root / "autograde" / "backups").glob("gradebook-*.db"))
+
+
+@pytest.mark.parametrize("student", ["honest_full", "honest_partial", "deleted_test", "stripped_metadata"])
+def test_honest_work_gets_exactly_its_marks(batch, student):
+    root, cases, *_ = batch
+    assert total(root, student) == cases[student][1], record(root, student)
+    assert not record(root, student)["overrides"]
+
+
+def test_no_attack_gains_a_point(batch):
+    root, cases, *_ = batch
+    gained = {name: (total(root, name), best) for name, (_, best, _, _) in cases.items()
+              if total(root, name) > best}
+    assert not gained, f"undeserved points: {gained}"
+
+
+def test_attacks_are_flagged_and_honest_work_is_not(batch):
+    root, cases, *_ = batch
+    missed = [name for name, (_, _, flagged, _) in cases.items() if flagged and not record(root, name)["flags"]]
+    assert not missed, f"not flagged: {missed}"
+    for name in ("honest_full", "honest_partial"):
+        assert not record(root, name)["flags"], record(root, name)["flags"]
+
+
+def test_stripped_metadata_is_repaired_and_invalid_json_reported(batch):
+    root, *_ = batch
+    assert record(root, "stripped_metadata")["repairs"]
+    assert record(root, "invalid_json")["status"] == "invalid"
+    rows = (root / "grades.csv").read_text()
+    assert "invalid_json" in rows and "invalid" in rows and "review" in rows.splitlines()[0]
+
+
+def test_no_hidden_test_in_any_feedback(batch):
+    root, cases, *_ = batch
+    hidden = hidden_lines()
+    for student in cases:
+        page = root / "autograde" / "feedback" / student / PHASE / NOTEBOOK.replace(".ipynb", ".html")
+        if page.exists():
+            leaked = [line for line in hidden if line in feedback_text(root, student)]
+            assert not leaked, f"hidden tests leak into {student}'s feedback: {leaked[:2]}"
+
+
+def test_verifier_overrides_show_as_failures_in_feedback(batch):
+    root, *_ = batch
+    assert record(root, "monkeypatch")["overrides"] and record(root, "transformer")["overrides"]
+    assert "This test did not pass" in feedback_text(root, "transformer")
+
+
+@needs_bwrap
+def test_sandbox_kept_gradebook_repo_and_helpers_intact(batch):
+    root, cases, graded, feedback, export, repo_unchanged = batch
+    assert repo_unchanged, "a submission changed solutions/, course/ or the helpers"
+    assert total(root, "writes_gradebook") == TOTAL and total(root, "honest_full") == TOTAL
+
+
+def test_manual_grades_survive_regrading(batch):
+    root, *_ = batch
+    with Gradebook(f"sqlite:///{root / 'autograde' / 'gradebook.db'}") as gb:
+        grade = gb.find_grade(SOURCE.tests_of("ex2")[0], NOTEBOOK.removesuffix(".ipynb"), PHASE, "honest_partial")
+        grade.manual_score = 1.0
+        gb.db.commit()
+    again = instructor(root, "autograde", "--student", "honest_partial", "--force", "--timeout", "20")
+    assert again.returncode == 0, again.stdout + again.stderr
+    with Gradebook(f"sqlite:///{root / 'autograde' / 'gradebook.db'}") as gb:
+        grade = gb.find_grade(SOURCE.tests_of("ex2")[0], NOTEBOOK.removesuffix(".ipynb"), PHASE, "honest_partial")
+        assert grade.manual_score == 1.0
+    assert total(root, "honest_full") == TOTAL, "regrading one student changed another's grade"
