@@ -304,13 +304,14 @@ def attention_explorer(sdpa: Callable | None = None, causal_mask: Callable | Non
         return sdpa(q / tau, k, v, mask)[1]
 
     temperature = widgets.FloatLogSlider(value=1.0, base=10, min=-1, max=1, step=0.05,
-                                         description="temperature τ", continuous_update=True)
+                                         description="temperature τ", continuous_update=True,
+                                         style={"description_width": "initial"})
     masking = widgets.ToggleButtons(options=["none", "causal", "padding"], description="mask")
     source = widgets.ToggleButtons(options=["PyTorch", "yours"], description="weights from",
                                    disabled=sdpa is None)
     status = widgets.HTML()
     figure = _LiveFigure(plots.heatmap_grid([torch.zeros(t, t)] * len(HEAD_NAMES), HEAD_NAMES, x=tokens, y=tokens,
-                                            height=380))
+                                            title="attention weights", height=400))
 
     def refresh(_=None):
         tau, mask_kind = temperature.value, masking.value
