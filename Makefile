@@ -65,3 +65,4 @@ grades: setup
 
 benchmark: setup
 	$(BIN)/python tests/benchmark.py
+	$(BIN)/python tests/benchmark_parallelism.py

@@ -26,7 +26,7 @@ def _main():
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     os.dup2(devnull, 2)
-    _exec, _compile, _isinstance, _id, _dict = exec, compile, isinstance, id, dict
+    _exec, _compile, _isinstance = exec, compile, isinstance
     _gettrace, _getprofile, _getframe = sys.gettrace, sys.getprofile, sys._getframe
     _alarm, _signal, _sigalrm = signal.alarm, signal.signal, signal.SIGALRM
     _BaseException, _Module = BaseException, types.ModuleType

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,18 @@ class Outcome:
     def lost_points(self) -> bool:
         return sum(self.earned.values()) < sum(self.possible.values())
 
+    @property
+    def messages(self) -> str:
+        """Every failed cell's traceback, as one text to search for a message."""
+        return "\n".join(self.errors.values())
+
+
+def stub(source: str) -> str:
+    """A solution cell as nbgrader releases it: each solution region becomes `raise NotImplementedError()`."""
+    return re.sub(r"^( *)### BEGIN SOLUTION\n.*?### END SOLUTION\n?",
+                  lambda m: f"{m.group(1)}# YOUR CODE HERE\n{m.group(1)}raise NotImplementedError()\n",
+                  source, flags=re.S | re.M)
+
 
 class SourceNotebook:
     """A notebook in ``solutions/``, read once, whose exercises can be re-run."""
@@ -58,6 +71,15 @@ class SourceNotebook:
 
     def solution_source(self, exercise: str) -> str:
         return self.cells[f"{exercise}_solution"].source
+
+    def mutate(self, exercise: str, *replacements: tuple[str, str]) -> str:
+        """The reference solution of ``exercise`` with each ``(old, new)`` applied; each ``old`` must
+        occur, so a mutation test cannot silently stop mutating when the solution is edited."""
+        source = self.solution_source(exercise)
+        for old, new in replacements:
+            assert old in source, f"the reference solution of {exercise} changed: update this mutation ({old!r})"
+            source = source.replace(old, new)
+        return source
 
     def run(self, exercise: str, solution_source: str | None = None) -> Outcome:
         """Run the set-up cell, ``solution_source`` (default: the reference solution)
@@ -79,4 +101,21 @@ class SourceNotebook:
             except Exception:  # a failing test cell, as nbgrader would see it
                 outcome.earned[gid] = 0.0
                 outcome.errors[gid] = traceback.format_exc(limit=-3)
+        return outcome
+
+    def assert_full_marks(self, exercise: str, source: str) -> None:
+        """``source`` (a correct solution written another way) must earn every point."""
+        outcome = self.run(exercise, source)
+        assert outcome.full_marks, outcome.errors
+
+    def assert_loses_points(self, exercise: str, source: str, message: str | None = None,
+                            cell: str | None = None) -> Outcome:
+        """``source`` (a realistic mistake) must lose points: all of test cell ``cell`` if given,
+        with ``message`` among the failures if given."""
+        outcome = self.run(exercise, source)
+        assert outcome.lost_points, f"this mistake got full marks: {outcome.earned}"
+        if cell:
+            assert outcome.earned[cell] == 0, outcome.earned
+        if message:
+            assert message in outcome.messages, outcome.messages[-3000:]
         return outcome

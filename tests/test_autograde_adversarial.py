@@ -8,9 +8,6 @@ the fork bomb) run only where bubblewrap works; elsewhere they are skipped with 
 
 import hashlib
 import json
-import shutil
-import subprocess
-import sys
 
 import nbformat
 import pytest

@@ -1,0 +1,106 @@
+"""Measure Phase 7's launcher and simulator and print the figures (`make benchmark` runs it).
+
+    .venv/bin/python tests/benchmark_parallelism.py
+
+Target: launching 4 ranks from a notebook takes <= 1 s. Also printed: what the simulator reproduces
+(the pipeline bubble) and a few modelled times. The notebook's run time and its autograding time are
+measured with every phase's by tests/benchmark.py. These are measurements to read, not assertions:
+timings depend on the machine and on what else runs on it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from machine import describe  # noqa: E402
+from utils import distributed, parallelism  # noqa: E402
+
+
+
+def rank_id():
+    return dist.get_rank()
+
+
+def all_reduce_once():
+    x = torch.ones(1024)
+    dist.all_reduce(x)
+    return x[0].item()
+
+
+def launch_times(world_size: int, fn, repeats: int, **kwargs) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        distributed.launch(fn, world_size, **kwargs)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def one_f_one_b(stage, n_stages, n_microbatches):
+    warmup = min(n_stages - stage - 1, n_microbatches)
+    steps = [("F", m) for m in range(warmup)]
+    for m in range(warmup, n_microbatches):
+        steps += [("F", m), ("B", m - warmup)]
+    return steps + [("B", m) for m in range(n_microbatches - warmup, n_microbatches)]
+
+
+def zero_formula(n_params, world_size, zero_stage):
+    return (2 * n_params / (world_size if zero_stage >= 3 else 1) + 2 * n_params / (world_size if zero_stage >= 2 else 1)
+            + 12 * n_params / (world_size if zero_stage >= 1 else 1))
+
+
+def main() -> None:
+    print(describe())
+    backend, start = distributed.choose_backend(4)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    print(f"backend for 4 ranks: {backend} ({start}); GPUs: {gpus}"
+          + ("" if backend == "nccl" else " -- the NCCL path was not exercised on this machine"))
+
+    torch.ones(256, 256) @ torch.ones(256, 256)  # a parent that already ran threaded maths, like a notebook
+    print("\nLaunching ranks (median of 10, seconds; target: 4 ranks <= 1 s)")
+    for world in (2, 4, 8):
+        times = launch_times(world, rank_id, 10)
+        print(f"  fork, {world} ranks, empty worker:      median {statistics.median(times):.3f}, max {max(times):.3f}")
+    times = launch_times(4, all_reduce_once, 10)
+    print(f"  fork, 4 ranks, one all-reduce:      median {statistics.median(times):.3f}, max {max(times):.3f}")
+    times = launch_times(2, rank_id, 2, start_method="spawn", timeout=120)
+    print(f"  spawn, 2 ranks (what NCCL uses):    median {statistics.median(times):.3f}")
+    start_time = time.perf_counter()
+    try:
+        distributed.launch(_deadlock, 2, timeout=2)
+    except distributed.LaunchTimeout:
+        pass
+    print(f"  a deadlock with timeout=2 s ends after {time.perf_counter() - start_time:.2f} s")
+
+    print("\nPipeline simulator (p = 4 stages, m = 8 microbatches, backward = 2 x forward)")
+    for name, schedule in (("GPipe", parallelism.gpipe_schedule), ("1F1B", one_f_one_b)):
+        run = parallelism.simulate_pipeline(schedule, 4, 8)
+        print(f"  {name}: bubble {run.bubble:.4f} (formula {parallelism.bubble_formula(4, 8):.4f}), "
+              f"activations held per stage {run.peak_in_flight}")
+
+    print("\nModelled all-reduce of 15 GB of gradients (a 7.5B model in bf16) on 64 GPUs, ring algorithm")
+    for name, link in parallelism.INTERCONNECTS.items():
+        print(f"  {name:42s} {parallelism.collective_time('all_reduce', 15e9, 64, link):7.3f} s (modelled)")
+    shape = parallelism.MODEL_SHAPES["175B (GPT-3)"]
+    plan = parallelism.plan_3d(zero_formula, **shape, gpus=1024, tensor_parallel=8, pipeline_parallel=16,
+                               zero_stage=1, global_batch=1536)
+    print(f"  planner, 175B on 1024 GPUs (t=8, p=16, d={plan.data_parallel}): "
+          f"{sum(plan.memory.values()) / 1e9:.1f} GB per GPU, {sum(plan.time.values()):.1f} s per step (modelled)")
+
+
+def _deadlock():
+    buffer = torch.zeros(1)
+    dist.recv(buffer, src=(dist.get_rank() + 1) % 2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,604 @@
+"""Mutation tests of Phase 2's graded tests: correct solutions written in other ways get full marks,
+realistic wrong ones lose points (with a message that names the mistake where the visible test can),
+the untouched stub earns nothing, and code that hands the work to the course's reference GPT fails."""
+
+import pytest
+
+from notebook_harness import SourceNotebook
+
+NB = SourceNotebook("solutions/02_transformer/transformer.ipynb")
+mutate = NB.mutate
+EXERCISES = ["ex1", "ex2", "ex3", "ex4", "ex5", "ex6", "ex7"]
+
+
+def check_mistake(exercise, replacements, message):
+    NB.assert_loses_points(exercise, mutate(exercise, *replacements), message)
+
+
+def test_phase_has_the_seven_exercises_in_order():
+    assert NB.exercises() == EXERCISES
+
+
+# ---------------------------------------------------------------------------------------------
+# Exercise 1: sinusoidal positional encoding
+# ---------------------------------------------------------------------------------------------
+
+EX1_CORRECT = {
+    "float32, exp-log frequencies, stack and flatten": '''
+def sinusoidal_positions(n_positions, d_model, base=10000.0):
+    position = torch.arange(n_positions).float().unsqueeze(1)
+    frequency = torch.exp(torch.arange(0, d_model, 2).float() * (-math.log(base) / d_model))
+    return torch.stack([torch.sin(position * frequency), torch.cos(position * frequency)], dim=-1).flatten(1)
+''',
+    "Python loops with the math module": '''
+def sinusoidal_positions(n_positions, d_model, base=10000.0):
+    pe = torch.empty(n_positions, d_model)
+    for p in range(n_positions):
+        for i in range(d_model // 2):
+            angle = p / base ** (2 * i / d_model)
+            pe[p, 2 * i] = math.sin(angle)
+            pe[p, 2 * i + 1] = math.cos(angle)
+    return pe
+''',
+}
+
+EX1_WRONG = {
+    "sines and cosines swapped": (
+        [("pe[:, 0::2] = torch.sin(angles)", "pe[:, 0::2] = torch.cos(angles)"),
+         ("pe[:, 1::2] = torch.cos(angles)", "pe[:, 1::2] = torch.sin(angles)")], "swapped"),
+    "halves instead of interleaved": (
+        [("pe[:, 0::2] = torch.sin(angles)", "pe[:, : d_model // 2] = torch.sin(angles)"),
+         ("pe[:, 1::2] = torch.cos(angles)", "pe[:, d_model // 2:] = torch.cos(angles)")], "interleaved"),
+    "exponent without the factor 2": (
+        [("torch.arange(0, d_model, 2, dtype=torch.float64) / d_model",
+          "torch.arange(d_model // 2, dtype=torch.float64) / d_model")], "base^(-i/d)"),
+    "frequencies multiplied": ([("base ** (-torch.arange", "base ** (torch.arange")], "multiplying instead of dividing"),
+    "float64 returned": ([("return pe.float()", "return pe")], "float32"),
+    "base ignored": ([("base ** (-torch", "10000.0 ** (-torch")], "base=100.0"),
+}
+
+
+@pytest.mark.parametrize("name", EX1_CORRECT)
+def test_ex1_correct_alternatives_get_full_marks(name):
+    outcome = NB.run("ex1", EX1_CORRECT[name])
+    assert outcome.full_marks, outcome.errors
+
+
+@pytest.mark.parametrize("name", EX1_WRONG)
+def test_ex1_mistakes_lose_points(name):
+    check_mistake("ex1", *EX1_WRONG[name])
+
+
+# ---------------------------------------------------------------------------------------------
+# Exercise 2: RoPE
+# ---------------------------------------------------------------------------------------------
+
+EX2_CORRECT = {
+    "complex numbers": '''
+def apply_rope(x, positions, base=10000.0):
+    d = x.shape[-1]
+    theta = base ** (-torch.arange(0, d, 2, dtype=x.dtype) / d)
+    angles = positions.to(x.dtype)[:, None] * theta
+    z = torch.view_as_complex(x.reshape(*x.shape[:-1], d // 2, 2).contiguous())
+    return torch.view_as_real(z * torch.polar(torch.ones_like(angles), angles)).flatten(-2)
+''',
+    "repeat_interleave and a rotated copy": '''
+def apply_rope(x, positions, base=10000.0):
+    d = x.shape[-1]
+    inverse = torch.exp(-math.log(base) * torch.arange(0, d, 2, dtype=x.dtype) / d)
+    angles = positions.to(x.dtype).unsqueeze(-1) * inverse
+    cos = angles.cos().repeat_interleave(2, dim=-1)
+    sin = angles.sin().repeat_interleave(2, dim=-1)
+    turned = torch.stack([-x[..., 1::2], x[..., 0::2]], dim=-1).flatten(-2)
+    return x * cos + turned * sin
+''',
+}
+
+EX2_WRONG = {
+    "rotate-half pairing": (
+        [("first, second = x[..., 0::2], x[..., 1::2]", "first, second = x[..., : d // 2], x[..., d // 2:]"),
+         ("out[..., 0::2] = first * cos - second * sin", "out[..., : d // 2] = first * cos - second * sin"),
+         ("out[..., 1::2] = first * sin + second * cos", "out[..., d // 2:] = first * sin + second * cos")],
+        "neighbouring pairs"),
+    "rotation the wrong way": ([("out[..., 0::2] = first * cos - second * sin", "out[..., 0::2] = first * cos + second * sin"),
+                                ("out[..., 1::2] = first * sin + second * cos", "out[..., 1::2] = -first * sin + second * cos")],
+                               "wrong way"),
+    "exponent without the factor 2": ([("torch.arange(0, d, 2, dtype=torch.float64, device=x.device) / d",
+                                        "torch.arange(d // 2, dtype=torch.float64, device=x.device) / d")], "base^(-i/d)"),
+    "positions ignored": ([("angles = positions.to(device=x.device, dtype=torch.float64)[:, None] * theta",
+                            "angles = torch.arange(x.shape[-2], dtype=torch.float64)[:, None] * theta")],
+                          "does not change with the distance"),
+    "second element of each pair not rotated": ([("out[..., 1::2] = first * sin + second * cos", "out[..., 1::2] = second")],
+                                                 "apply_rope"),
+    "x modified in place": ([("out = torch.empty_like(x)", "out = x"),
+                             ("first, second = x[..., 0::2], x[..., 1::2]",
+                              "first, second = x[..., 0::2].clone(), x[..., 1::2].clone()")], "in place"),
+}
+
+
+@pytest.mark.parametrize("name", EX2_CORRECT)
+def test_ex2_correct_alternatives_get_full_marks(name):
+    outcome = NB.run("ex2", EX2_CORRECT[name])
+    assert outcome.full_marks, outcome.errors
+
+
+@pytest.mark.parametrize("name", EX2_WRONG)
+def test_ex2_mistakes_lose_points(name):
+    check_mistake("ex2", *EX2_WRONG[name])
+
+
+# ---------------------------------------------------------------------------------------------
+# Exercise 3: LayerNorm and RMSNorm
+# ---------------------------------------------------------------------------------------------
+
+EX3_HEADER = '''
+class LayerNorm(nn.Module):
+    def __init__(self, d_model, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d_model))
+        self.bias = nn.Parameter(torch.zeros(d_model))
+
+    def forward(self, x):
+{ln}
+
+class RMSNorm(nn.Module):
+    def __init__(self, d_model, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d_model))
+
+    def forward(self, x):
+{rms}
+'''
+
+EX3_CORRECT = {
+    "var_mean and a norm": EX3_HEADER.format(ln='''
+        variance, mean = torch.var_mean(x, dim=-1, keepdim=True, correction=0)
+        return torch.addcmul(self.bias, (x - mean) * torch.rsqrt(variance + self.eps), self.weight)''', rms='''
+        mean_square = x.norm(dim=-1, keepdim=True).pow(2) / x.shape[-1]
+        return self.weight * x / (mean_square + self.eps).sqrt()'''),
+    "var(unbiased=False) and einsum": EX3_HEADER.format(ln='''
+        centred = x - x.mean(-1, keepdim=True)
+        return self.weight * centred / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + self.eps) + self.bias''', rms='''
+        mean_square = torch.einsum("...d,...d->...", x, x).unsqueeze(-1) / x.shape[-1]
+        return x.div(torch.sqrt(mean_square + self.eps)).mul(self.weight)'''),
+}
+
+LN = "return (x - mean) / torch.sqrt(variance + self.eps) * self.weight + self.bias"
+RMS = "return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps) * self.weight"
+EX3_WRONG = {
+    "unbiased variance": ([("variance = (x - mean).pow(2).mean(dim=-1, keepdim=True)",
+                            "variance = x.var(dim=-1, keepdim=True)")], "unbiased variance"),
+    "eps outside the square root": ([(LN, "return (x - mean) / (torch.sqrt(variance) + self.eps) * self.weight + self.bias")],
+                                    "eps added outside"),
+    "LayerNorm without weight and bias": ([(LN, "return (x - mean) / torch.sqrt(variance + self.eps)")], "weight and bias left out"),
+    "F.layer_norm": ([(LN, "return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)")], "switched off"),
+    "LayerNorm eps ignored": ([("torch.sqrt(variance + self.eps)", "torch.sqrt(variance + 1e-5)")], "eps=0.1"),
+    "RMSNorm subtracts the mean": ([(RMS, "x = x - x.mean(-1, keepdim=True)\n        " + RMS)], "mean subtracted"),
+    "RMSNorm eps outside": ([(RMS, "return x / (x.pow(2).mean(dim=-1, keepdim=True).sqrt() + self.eps) * self.weight")],
+                            "eps added outside"),
+    "RMSNorm sum of squares": ([(RMS, "return x * torch.rsqrt(x.pow(2).sum(dim=-1, keepdim=True) + self.eps) * self.weight")],
+                               "sum of squares"),
+    "nn.RMSNorm inside": ([(RMS, "return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)")], "switched off"),
+    "RMSNorm without weight": ([(RMS, "return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)")],
+                               "weight left out"),
+}
+
+
+@pytest.mark.parametrize("name", EX3_CORRECT)
+def test_ex3_correct_alternatives_get_full_marks(name):
+    outcome = NB.run("ex3", EX3_CORRECT[name])
+    assert outcome.full_marks, outcome.errors
+
+
+@pytest.mark.parametrize("name", EX3_WRONG)
+def test_ex3_mistakes_lose_points(name):
+    check_mistake("ex3", *EX3_WRONG[name])
+
+
+def test_ex3_one_wrong_norm_costs_only_its_own_cell():
+    outcome = NB.run("ex3", mutate("ex3", (RMS, "return x * self.weight")))
+    assert outcome.earned == {"ex3_test_layernorm": 3.0, "ex3_test_rmsnorm": 0.0}
+
+
+# ---------------------------------------------------------------------------------------------
+# Exercise 4: SwiGLU
+# ---------------------------------------------------------------------------------------------
+
+EX4_HEADER = '''
+class SwiGLU(nn.Module):
+    def __init__(self, d_model, d_hidden):
+        super().__init__()
+        self.w_gate = nn.Linear(d_model, d_hidden, bias=False)
+        self.w_up = nn.Linear(d_model, d_hidden, bias=False)
+        self.w_down = nn.Linear(d_hidden, d_model, bias=False)
+
+    def forward(self, x):
+'''
+
+EX4_CORRECT = {
+    "sigmoid written out, matmuls": EX4_HEADER + '''
+        gate = x @ self.w_gate.weight.T
+        return (gate * torch.sigmoid(gate) * (x @ self.w_up.weight.T)) @ self.w_down.weight.T
+''',
+    "F.linear and nn.functional.silu": EX4_HEADER + '''
+        hidden = nn.functional.silu(F.linear(x, self.w_gate.weight)).mul(F.linear(x, self.w_up.weight))
+        return F.linear(hidden, self.w_down.weight)
+''',
+}
+
+SWIGLU = "return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))"
+EX4_WRONG = {
+    "SiLU on the up branch": ([(SWIGLU, "return self.w_down(F.silu(self.w_up(x)) * self.w_gate(x))")], "up branch"),
+    "sigmoid (GLU)": ([(SWIGLU, "return self.w_down(torch.sigmoid(self.w_gate(x)) * self.w_up(x))")], "GLU"),
+    "GELU (GEGLU)": ([(SWIGLU, "return self.w_down(F.gelu(self.w_gate(x)) * self.w_up(x))")], "GEGLU"),
+    "no gating": ([(SWIGLU, "return self.w_down(F.silu(self.w_gate(x)))")], "no gating"),
+    "ReLU": ([(SWIGLU, "return self.w_down(F.relu(self.w_gate(x)) * self.w_up(x))")], "SwiGLU(8, 12)(x)"),
+}
+
+
+@pytest.mark.parametrize("name", EX4_CORRECT)
+def test_ex4_correct_alternatives_get_full_marks(name):
+    outcome = NB.run("ex4", EX4_CORRECT[name])
+    assert outcome.full_marks, outcome.errors
+
+
+@pytest.mark.parametrize("name", EX4_WRONG)
+def test_ex4_mistakes_lose_points(name):
+    check_mistake("ex4", *EX4_WRONG[name])
+
+
+# ---------------------------------------------------------------------------------------------
+# Exercise 5: the pre-LN block and GPT
+# ---------------------------------------------------------------------------------------------
+
+EX5_ALTERNATIVE = '''
+from einops import rearrange
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, n_embd, n_head):
+        super().__init__()
+        self.n_head = n_head
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd)
+        self.c_proj = nn.Linear(n_embd, n_embd)
+
+    def forward(self, x, causal=True):
+        q, k, v = rearrange(self.c_attn(x), "b t (three h d) -> three b h t d", three=3, h=self.n_head)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+        if causal:
+            t = x.shape[1]
+            hidden = torch.triu(torch.ones(t, t, dtype=torch.bool, device=x.device), diagonal=1)
+            scores = scores.masked_fill(hidden, float("-inf"))
+        y = torch.softmax(scores, dim=-1) @ v
+        return self.c_proj(rearrange(y, "b h t d -> b t (h d)"))
+
+
+class MLP(nn.Module):
+    def __init__(self, n_embd):
+        super().__init__()
+        self.c_fc = nn.Linear(n_embd, 4 * n_embd)
+        self.gelu = nn.GELU(approximate="tanh")
+        self.c_proj = nn.Linear(4 * n_embd, n_embd)
+
+    def forward(self, x):
+        h = self.c_fc(x)
+        h = 0.5 * h * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * h.pow(3))))
+        return self.c_proj(h)
+
+
+class Block(nn.Module):
+    def __init__(self, n_embd, n_head):
+        super().__init__()
+        self.ln_1, self.ln_2 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
+        self.attn = CausalSelfAttention(n_embd, n_head)
+        self.mlp = MLP(n_embd)
+
+    def forward(self, x, causal=True):
+        h = x + self.attn(self.ln_1(x), causal=causal)
+        return h + self.mlp(self.ln_2(h))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wte.weight = self.lm_head.weight
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.h = nn.ModuleList()
+        for _ in range(config.n_layer):
+            self.h.append(Block(config.n_embd, config.n_head))
+        self.ln_f = nn.LayerNorm(config.n_embd)
+
+    def forward(self, idx, targets=None):
+        positions = torch.arange(idx.shape[1], device=idx.device)[None, :]
+        x = self.wte(idx) + self.wpe(positions)
+        for block in self.h:
+            x = block(x, causal=True)
+        logits = self.lm_head(self.ln_f(x))
+        if targets is None:
+            return logits, None
+        log_probs = torch.log_softmax(logits, dim=-1)
+        return logits, -log_probs.gather(-1, targets[..., None]).mean()
+'''
+
+EX5_CORRECT = {
+    "einops, hand-written attention and GELU, tied the other way round": EX5_ALTERNATIVE,
+    "nn.Sequential-free, F.scaled_dot_product_attention with an explicit mask, sum / count loss":
+        NB.solution_source("ex5").replace(
+            "y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)",
+            "mask = torch.ones(T, T, dtype=torch.bool).tril() if causal else None\n"
+            "        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)").replace(
+            "loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))",
+            "loss = F.cross_entropy(logits.transpose(1, 2), targets, reduction='sum') / targets.numel()"),
+}
+
+ATTN_SPLIT = "q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))"
+EX5_WRONG = {
+    "no residual connections": ([("x = x + self.attn(self.ln_1(x), causal)\n        return x + self.mlp(self.ln_2(x))",
+                                  "x = self.attn(self.ln_1(x), causal)\n        return self.mlp(self.ln_2(x))")],
+                                "no residual connections"),
+    "post-LN": ([("x = x + self.attn(self.ln_1(x), causal)\n        return x + self.mlp(self.ln_2(x))",
+                  "x = self.ln_1(x + self.attn(x, causal))\n        return self.ln_2(x + self.mlp(x))")], "post-LN"),
+    "heads interleaved": ([(ATTN_SPLIT, "q, k, v = (t.view(B, T, C // self.n_head, self.n_head).permute(0, 3, 1, 2) "
+                                        "for t in (q, k, v))")], "GPT-2's block 0"),
+    "keys and queries swapped": ([("q, k, v = self.c_attn(x).split(C, dim=-1)", "k, q, v = self.c_attn(x).split(C, dim=-1)")],
+                                 "GPT-2's block 0"),
+    "causal flag ignored": ([("is_causal=causal", "is_causal=True")], "causal=False"),
+    "no mask at all": ([("is_causal=causal", "is_causal=False")], "GPT-2's block 0"),
+    "exact GELU": ([("return self.c_proj(self.gelu(self.c_fc(x)))", "return self.c_proj(F.gelu(self.c_fc(x)))")],
+                   "GPT-2's block 0"),
+    "no weight tying": ([("        self.lm_head.weight = self.wte.weight\n", "")], "weight tying"),
+    "no final LayerNorm": ([("logits = self.lm_head(self.ln_f(x))", "logits = self.lm_head(x)")], "logits"),
+    "no position embedding": ([("x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))", "x = self.wte(idx)")],
+                              "logits"),
+    "targets shifted again": ([("loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))",
+                                "loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), "
+                                "targets[:, 1:].reshape(-1))")], "shifts the targets again"),
+    "summed loss": ([("targets.reshape(-1))", "targets.reshape(-1), reduction='sum')")], "mean cross-entropy"),
+    "a loss even without targets": ([("        loss = None\n        if targets is not None:\n            loss",
+                                      "        targets = idx if targets is None else targets\n        if True:\n            loss")],
+                                    "must be None"),
+}
+
+
+@pytest.mark.parametrize("name", EX5_CORRECT)
+def test_ex5_correct_alternatives_get_full_marks(name):
+    outcome = NB.run("ex5", EX5_CORRECT[name])
+    assert outcome.full_marks, outcome.errors
+
+
+@pytest.mark.parametrize("name", EX5_WRONG)
+def test_ex5_mistakes_lose_points(name):
+    check_mistake("ex5", *EX5_WRONG[name])
+
+
+# Ways of handing the work to the course's reference GPT (utils.transformer) or to transformers.
+EX5_REFERENCE_GPT = '''
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        reference = tx.GPT(config)
+        self.wte, self.wpe = reference.transformer.wte, reference.transformer.wpe
+        self.h, self.ln_f, self.lm_head = reference.transformer.h, reference.transformer.ln_f, reference.lm_head
+        object.__setattr__(self, "_reference", reference)   # hidden from named_modules
+
+    def forward(self, idx, targets=None):
+        return self._reference(idx, targets)
+'''
+
+EX5_CHEATS = {
+    "aliases of the reference classes": (
+        NB.solution_source("ex5") + "\nGPT = tx.GPT\nMLP = tx.MLP\nCausalSelfAttention = tx.CausalSelfAttention\n",
+        "ex5_test_gpt2"),
+    "a subclass of the reference GPT": (
+        NB.solution_source("ex5") + "\nclass GPT(tx.GPT):\n    def __init__(self, config):\n"
+        "        super().__init__(config)\n        self.wte, self.wpe = self.transformer.wte, self.transformer.wpe\n"
+        "        self.h, self.ln_f = self.transformer.h, self.transformer.ln_f\n", "ex5_test_gpt2"),
+    "a wrapper that runs the reference GPT": (
+        NB.solution_source("ex5").split("class GPT(nn.Module):")[0] + EX5_REFERENCE_GPT, "ex5_test_gpt2"),
+    "a block built from the reference's sub-modules": (
+        NB.solution_source("ex5").replace("self.mlp = MLP(n_embd)",
+                                          "self.mlp = tx.MLP(tx.GPTConfig(n_embd=n_embd, n_head=n_head))"),
+        "ex5_test_block"),
+}
+
+
+@pytest.mark.parametrize("name", EX5_CHEATS)
+def test_ex5_reference_code_does_not_pass(name):
+    source, cell = EX5_CHEATS[name]
+    outcome = NB.run("ex5", source)
+    assert outcome.earned[cell] == 0, f"{name} earned the points of {cell}"
+
+
+def test_ex5_cheating_wrapper_passes_the_visible_test_only():
+    """The wrapper gives GPT-2's logits: only the hidden checks of 'your own code' can stop it."""
+    source = NB.solution_source("ex5").split("class GPT(nn.Module):")[0] + EX5_REFERENCE_GPT
+    visible = NB.cells["ex5_test_gpt2"].source.split("### BEGIN HIDDEN TESTS")[0]
+    namespace = {"__name__": "__main__"}
+    exec(NB.cells["setup"].source, namespace)
+    exec(source, namespace)
+    exec(visible, namespace)  # raises if the visible test already caught it
+
+
+# ---------------------------------------------------------------------------------------------
+# Exercise 6: parameter count
+# ---------------------------------------------------------------------------------------------
+
+EX6_CORRECT = {
+    "the expanded polynomial": '''
+def gpt_num_params(vocab_size, block_size, n_layer, n_embd, bias=True, tied=True):
+    d = n_embd
+    if bias:
+        total = vocab_size * d + block_size * d + n_layer * (12 * d * d + 13 * d) + 2 * d
+    else:
+        total = vocab_size * d + block_size * d + n_layer * (12 * d * d + 2 * d) + d
+    return total if tied else total + vocab_size * d
+''',
+    "module by module": '''
+def gpt_num_params(vocab_size, block_size, n_layer, n_embd, bias=True, tied=True):
+    def linear(n_in, n_out, with_bias=bias):
+        return n_in * n_out + (n_out if with_bias else 0)
+
+    def layer_norm(n):
+        return 2 * n if bias else n
+
+    d = n_embd
+    block = layer_norm(d) + linear(d, 3 * d) + linear(d, d) + layer_norm(d) + linear(d, 4 * d) + linear(4 * d, d)
+    head = 0 if tied else linear(d, vocab_size, with_bias=False)
+    return sum([vocab_size * d, block_size * d, n_layer * block, layer_norm(d), head])
+''',
+}
+
+COUNT = "return embeddings + n_layer * per_block + layer_norm + unembedding"
+EX6_WRONG = {
+    "tied head counted twice": ([("unembedding = 0 if tied else vocab_size * d", "unembedding = vocab_size * d")],
+                                "counted a second time"),
+    "no position embedding": ([("embeddings = vocab_size * d + block_size * d", "embeddings = vocab_size * d")], "wpe"),
+    "no final LayerNorm": ([(COUNT, "return embeddings + n_layer * per_block + unembedding")], "ln_f"),
+    "no block LayerNorms": ([("per_block = attention + mlp + 2 * layer_norm", "per_block = attention + mlp")],
+                            "two LayerNorms"),
+    "no biases": ([("(4 * d if bias else 0)", "0"), ("(5 * d if bias else 0)", "0")], "biases"),
+    "LayerNorm bias kept when bias=False": ([("layer_norm = 2 * d if bias else d", "layer_norm = 2 * d")], ""),  # hidden only
+    "untied head forgotten": ([("unembedding = 0 if tied else vocab_size * d", "unembedding = 0")], "untied"),
+    "float result": ([(COUNT, "return float(embeddings + n_layer * per_block + layer_norm + unembedding)")], "int"),
+}
+
+
+@pytest.mark.parametrize("name", EX6_CORRECT)
+def test_ex6_correct_alternatives_get_full_marks(name):
+    outcome = NB.run("ex6", EX6_CORRECT[name])
+    assert outcome.full_marks, outcome.errors
+
+
+@pytest.mark.parametrize("name", EX6_WRONG)
+def test_ex6_mistakes_lose_points(name):
+    check_mistake("ex6", *EX6_WRONG[name])
+
+
+# ---------------------------------------------------------------------------------------------
+# Exercise 7: KV cache
+# ---------------------------------------------------------------------------------------------
+
+EX7_ALTERNATIVE_1 = '''
+class CachedSelfAttention(nn.Module):
+    def __init__(self, n_embd, n_head):
+        super().__init__()
+        self.n_head = n_head
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd)
+        self.c_proj = nn.Linear(n_embd, n_embd)
+
+    def forward(self, x, past=None):
+        B, T, C = x.shape
+        heads = self.c_attn(x).reshape(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        q, k, v = heads[0], heads[1], heads[2]
+        if past is not None:
+            past_k, past_v = past
+            k, v = torch.cat((past_k, k), dim=-2), torch.cat((past_v, v), dim=-2)
+        n_keys = k.shape[-2]
+        query_pos = torch.arange(n_keys - T, n_keys)[:, None]
+        key_pos = torch.arange(n_keys)[None, :]
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        scores = scores.masked_fill(key_pos > query_pos, float("-inf"))
+        y = torch.softmax(scores, dim=-1) @ v
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C)), (k, v)
+
+
+def generate(model, idx, max_new_tokens, use_cache=True):
+    with torch.no_grad():
+        cache = None
+        step = 0
+        while step < max_new_tokens:
+            if not use_cache:
+                logits = model(idx)[0]
+            elif cache is None:
+                logits, cache = model(idx)
+            else:
+                logits, cache = model(idx[:, -1:], cache)
+            idx = torch.cat((idx, torch.argmax(logits[:, -1, :], dim=-1)[:, None]), dim=1)
+            step += 1
+    return idx
+'''
+
+EX7_ALTERNATIVE_2 = '''
+class CachedSelfAttention(nn.Module):
+    def __init__(self, n_embd, n_head):
+        super().__init__()
+        self.n_head = n_head
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd)
+        self.c_proj = nn.Linear(n_embd, n_embd)
+
+    def forward(self, x, past=None):
+        B, T, C = x.shape
+        q, k, v = [t.reshape(B, T, self.n_head, -1).transpose(1, 2) for t in self.c_attn(x).chunk(3, dim=-1)]
+        t_past = 0 if past is None else past[0].shape[2]
+        if past is not None:
+            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
+        bias = torch.full((T, t_past + T), float("-inf")).triu(diagonal=t_past + 1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.c_proj(y.transpose(1, 2).flatten(2)), (k, v)
+
+
+@torch.inference_mode()
+def generate(model, idx, max_new_tokens, use_cache=True):
+    tokens = [idx]
+    past = None
+    for step in range(max_new_tokens):
+        sequence = torch.cat(tokens, dim=1)
+        feed = sequence if (past is None or not use_cache) else tokens[-1]
+        logits, new_past = model(feed, past) if use_cache else model(feed)
+        if use_cache:
+            past = new_past
+        tokens.append(logits[:, -1:].argmax(-1))
+    return torch.cat(tokens, dim=1)
+'''
+
+EX7_CORRECT = {"hand-written attention, while loop": EX7_ALTERNATIVE_1,
+               "float mask, inference_mode, list of tokens": EX7_ALTERNATIVE_2}
+
+MASKED = "y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)"
+EX7_WRONG = {
+    "is_causal=True with a cache": ([(MASKED, "y = F.scaled_dot_product_attention(q, k, v, is_causal=True)")],
+                                    "top-left"),
+    "causal only without a cache, no mask with one": ([(MASKED, "y = F.scaled_dot_product_attention(q, k, v, "
+                                                               "is_causal=past is None)")], "bottom-right"),
+    "no mask": ([(MASKED, "y = F.scaled_dot_product_attention(q, k, v)")], "plain causal attention"),
+    "new keys before the old ones": ([("k = torch.cat([past[0], k], dim=2)", "k = torch.cat([k, past[0]], dim=2)"),
+                                      ("v = torch.cat([past[1], v], dim=2)", "v = torch.cat([v, past[1]], dim=2)")],
+                                     "a chunk of 4 new tokens"),
+    "only the new keys returned": ([("return self.c_proj(y.transpose(1, 2).reshape(B, T, C)), (k, v)",
+                                     "return self.c_proj(y.transpose(1, 2).reshape(B, T, C)), (k[:, :, -T:], v[:, :, -T:])")],
+                                   "keys after 7"),
+    "whole sequence fed with the cache": ([("model(idx if past is None else idx[:, -1:], past)", "model(idx, past)")],
+                                          "the calls were"),
+    "past never passed back": ([("model(idx if past is None else idx[:, -1:], past)",
+                                 "model(idx if past is None else idx[:, -1:], None)")], "the calls were"),
+    "first position's logits": ([("logits[:, -1].argmax(dim=-1, keepdim=True)", "logits[:, 0].argmax(dim=-1, keepdim=True)")],
+                                "differ from greedy"),
+    "only the new tokens returned": ([("    return idx\n", "    return idx[:, -max_new_tokens:]\n")], "generate(model, prompt, 12)"),
+}
+
+
+@pytest.mark.parametrize("name", EX7_CORRECT)
+def test_ex7_correct_alternatives_get_full_marks(name):
+    outcome = NB.run("ex7", EX7_CORRECT[name])
+    assert outcome.full_marks, outcome.errors
+
+
+@pytest.mark.parametrize("name", EX7_WRONG)
+def test_ex7_mistakes_lose_points(name):
+    check_mistake("ex7", *EX7_WRONG[name])
+
+
+def test_ex7_generate_with_the_reference_model_is_not_enough():
+    """Calling the reference GPT's own generate ignores the model it is given: the call log shows it."""
+    source = NB.solution_source("ex7").split("@torch.no_grad()")[0] + '''
+def generate(model, idx, max_new_tokens, use_cache=True):
+    return model.gpt.generate(idx, max_new_tokens, temperature=0, use_cache=use_cache)
+'''
+    outcome = NB.run("ex7", source)
+    assert outcome.earned["ex7_test_generate"] == 0

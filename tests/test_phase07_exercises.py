@@ -1,0 +1,560 @@
+"""Mutation tests of Phase 7's graded tests: correct solutions written in other ways get full marks,
+realistic wrong ones lose points (with a message that names the mistake where the visible test can),
+and (with tests/test_exercises_every_phase.py) the untouched stub earns nothing. The tests launch real ranks (forked processes, gloo)."""
+
+import pytest
+
+from notebook_harness import SourceNotebook
+
+NB = SourceNotebook("solutions/07_parallelism/parallelism.ipynb")
+mutate = NB.mutate
+EXERCISES = ["ex1", "ex2", "ex3", "ex4", "ex5", "ex6"]
+
+
+def test_phase_has_the_six_exercises_in_order():
+    assert NB.exercises() == EXERCISES
+
+
+check_alternative = NB.assert_full_marks
+check_mistake = NB.assert_loses_points
+
+
+# ---------------------------------------------------------------------------------------------
+# Exercise 1: model states per device
+# ---------------------------------------------------------------------------------------------
+
+EX1_CORRECT = {
+    "a table of sharding divisors": '''
+def model_state_bytes(n_params, world_size, zero_stage):
+    divisors = {0: (1, 1, 1), 1: (1, 1, world_size), 2: (1, world_size, world_size),
+                3: (world_size, world_size, world_size)}[zero_stage]
+    return sum(b * n_params / d for b, d in zip((2, 2, 12), divisors))
+''',
+    "one expression with conditionals": '''
+def model_state_bytes(n_params, world_size, zero_stage):
+    n = world_size
+    return n_params * (2 / (n if zero_stage == 3 else 1) + 2 / (n if zero_stage >= 2 else 1)
+                       + 12 / (1 if zero_stage == 0 else n))
+''',
+}
+
+EX1_WRONG = {
+    "no fp32 master weights (8 bytes of optimizer state)": (("12 * n_params", "8 * n_params"), "8 bytes of optimizer state"),
+    "stage 1 shards the gradients too": (("if zero_stage >= 2:", "if zero_stage >= 1:"), "(that is stage 2)"),
+    "stage 2 shards the parameters too": (("if zero_stage >= 3:", "if zero_stage >= 2:"), "(that is stage 3)"),
+    "stages shifted by one": (("if zero_stage >= 1:", "if zero_stage > 1:"), None),
+    "nothing divided": (("optimizer = optimizer / world_size", "optimizer = optimizer"), "nothing divided"),
+}
+
+
+@pytest.mark.parametrize("name", EX1_CORRECT)
+def test_ex1_correct_alternatives_get_full_marks(name):
+    check_alternative("ex1", EX1_CORRECT[name])
+
+
+@pytest.mark.parametrize("name", EX1_WRONG)
+def test_ex1_mistakes_lose_points(name):
+    (old, new), message = EX1_WRONG[name]
+    check_mistake("ex1", mutate("ex1", (old, new)), message)
+
+
+def test_ex1_the_papers_numbers_hard_coded_lose_the_hidden_points():
+    source = """
+def model_state_bytes(n_params, world_size, zero_stage):
+    return {0: 120e9, 1: 31.4e9, 2: 16.6e9, 3: 1.88e9}[zero_stage] * n_params / 7.5e9
+"""
+    check_mistake("ex1", source)
+
+
+# ---------------------------------------------------------------------------------------------
+# Exercise 2: ring all-reduce
+# ---------------------------------------------------------------------------------------------
+
+EX2_CORRECT = {
+    "batch_isend_irecv and a flat copy written back": '''
+def ring_all_reduce(tensor):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world == 1:
+        return tensor
+    flat = tensor.reshape(-1).clone()
+    chunks = list(flat.tensor_split(world))
+    right, left = (rank + 1) % world, (rank - 1) % world
+    for step in range(2 * (world - 1)):
+        reducing = step < world - 1
+        s = step if reducing else step - (world - 1)
+        send_i = (rank - s) % world if reducing else (rank + 1 - s) % world
+        recv_i = (rank - s - 1) % world if reducing else (rank - s) % world
+        buffer = torch.empty_like(chunks[recv_i])
+        ops = [dist.P2POp(dist.isend, chunks[send_i], right), dist.P2POp(dist.irecv, buffer, left)]
+        for request in dist.batch_isend_irecv(ops):
+            request.wait()
+        if reducing:
+            chunks[recv_i] += buffer
+        else:
+            chunks[recv_i].copy_(buffer)
+    tensor.copy_(flat.view_as(tensor))
+    return tensor
+''',
+    "blocking send and recv, even ranks sending first": '''
+def ring_all_reduce(tensor):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    flat = tensor.view(-1)
+    bounds = [len(c) for c in flat.tensor_split(world)]
+    starts = [sum(bounds[:i]) for i in range(world)]
+    chunk = lambda i: flat[starts[i]:starts[i] + bounds[i]]
+
+    def exchange(send_index, recv_index):
+        incoming = torch.empty(bounds[recv_index], dtype=tensor.dtype)
+        if rank % 2 == 0:
+            dist.send(chunk(send_index).contiguous(), (rank + 1) % world)
+            dist.recv(incoming, (rank - 1) % world)
+        else:
+            dist.recv(incoming, (rank - 1) % world)
+            dist.send(chunk(send_index).contiguous(), (rank + 1) % world)
+        return incoming
+
+    for step in range(world - 1):
+        i = (rank - step - 1) % world
+        chunk(i).add_(exchange((rank - step) % world, i))
+    for step in range(world - 1):
+        i = (rank - step) % world
+        chunk(i).copy_(exchange((rank + 1 - step) % world, i))
+    return tensor
+''',
+}
+
+EX2_WRONG = {
+    "all-gather phase missing": (
+        ("    for step in range(world - 1):  # all-gather\n", "    for step in range(0):  # all-gather\n"),
+        "the all-gather phase missing", None),
+    "wrong chunk received in reduce-scatter": (
+        ("(rank - step) % world, (rank - step - 1) % world", "(rank - step) % world, (rank - step + 1) % world"),
+        None, "ex2_test_sum"),
+    "average instead of sum": (("    return tensor\n    ### END", "    tensor /= world\n    return tensor\n    ### END"),
+                               "an average instead of a sum", None),
+    "the built-in all_reduce": (("    if world == 1:\n        return tensor\n",
+                                 "    dist.all_reduce(tensor)\n    return tensor\n"), "send/recv", "ex2_test_ring"),
+}
+
+NAIVE_EXCHANGE = '''
+def ring_all_reduce(tensor):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = tensor.clone()
+    requests = [dist.isend(mine, dst=other) for other in range(world) if other != rank]
+    for other in range(world):
+        if other != rank:
+            incoming = torch.empty_like(tensor)
+            dist.recv(incoming, src=other)
+            tensor += incoming
+    for request in requests:
+        request.wait()
+    return tensor
+'''
+
+NOT_IN_PLACE = '''
+def ring_all_reduce(tensor):
+    result = tensor.clone()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    chunks = list(result.view(-1).tensor_split(world))
+    right, left = (rank + 1) % world, (rank - 1) % world
+    for step in range(world - 1):
+        send_index, recv_index = (rank - step) % world, (rank - step - 1) % world
+        incoming = torch.empty_like(chunks[recv_index])
+        request = dist.isend(chunks[send_index], dst=right)
+        dist.recv(incoming, src=left)
+        request.wait()
+        chunks[recv_index] += incoming
+    for step in range(world - 1):
+        send_index, recv_index = (rank + 1 - step) % world, (rank - step) % world
+        request = dist.isend(chunks[send_index], dst=right)
+        dist.recv(chunks[recv_index], src=left)
+        request.wait()
+    return result
+'''
+
+
+@pytest.mark.parametrize("name", EX2_CORRECT)
+def test_ex2_correct_alternatives_get_full_marks(name):
+    check_alternative("ex2", EX2_CORRECT[name])
+
+
+@pytest.mark.parametrize("name", EX2_WRONG)
+def test_ex2_mistakes_lose_points(name):
+    (old, new), message, cell = EX2_WRONG[name]
+    check_mistake("ex2", mutate("ex2", (old, new)), message, cell)
+
+
+def test_ex2_missing_all_gather_is_named():
+    outcome = NB.run("ex2", mutate("ex2", ("    for step in range(world - 1):  # all-gather\n",
+                                           "    for step in range(0):  # all-gather\n")))
+    assert "hold the full sum. Is the all-gather phase missing" in outcome.errors["ex2_test_sum"]
+
+
+def test_ex2_sending_whole_tensors_is_correct_but_not_a_ring():
+    outcome = NB.run("ex2", NAIVE_EXCHANGE)
+    assert outcome.earned["ex2_test_sum"] > 0, "the sum is right"
+    assert outcome.earned["ex2_test_ring"] == 0
+    assert "Are whole tensors sent instead of chunks?" in outcome.errors["ex2_test_ring"]
+
+
+def test_ex2_a_new_tensor_instead_of_in_place_loses_points():
+    outcome = NB.run("ex2", NOT_IN_PLACE)
+    assert outcome.earned["ex2_test_sum"] == 0
+    assert "in place" in outcome.errors["ex2_test_sum"]
+
+
+def test_ex2_blocking_sends_deadlock_and_fail_with_a_timeout():
+    source = mutate("ex2", (
+        "        request = dist.isend(chunks[send_index], dst=right)\n        dist.recv(incoming, src=left)\n"
+        "        request.wait()\n",
+        "        dist.send(chunks[send_index], dst=right)\n        dist.recv(incoming, src=left)\n"))
+    outcome = NB.run("ex2", source)
+    assert sum(outcome.earned.values()) == 0
+    assert "timed out" in outcome.errors["ex2_test_sum"] and "in ring_all_reduce" in outcome.errors["ex2_test_sum"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Exercise 3: data-parallel gradient averaging
+# ---------------------------------------------------------------------------------------------
+
+EX3_CORRECT = {
+    "one flat bucket": '''
+def average_gradients(model):
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    bucket = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(bucket)
+    bucket /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(bucket[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+''',
+    "divide first, asynchronous all-reduces": '''
+def average_gradients(model):
+    requests = []
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        p.grad.div_(dist.get_world_size())
+        requests.append(dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, async_op=True))
+    for request in requests:
+        request.wait()
+''',
+}
+
+EX3_WRONG = {
+    "no division": (("            p.grad /= world\n", ""), "the sum over the ranks, not the average"),
+    "parameters averaged instead of gradients": (("dist.all_reduce(p.grad)", "dist.all_reduce(p.data)"),
+                                                 "the gradients were not all-reduced"),
+    "nothing communicated": (("dist.all_reduce(p.grad)", "pass"), "the gradients were not all-reduced"),
+    "None gradients not skipped": (("        if p.grad is not None:\n            dist.all_reduce(p.grad)\n"
+                                    "            p.grad /= world\n",
+                                    "        dist.all_reduce(p.grad)\n        p.grad /= world\n"), None),
+    "divided twice": (("            p.grad /= world\n", "            p.grad /= world * world\n"), None),
+}
+
+
+@pytest.mark.parametrize("name", EX3_CORRECT)
+def test_ex3_correct_alternatives_get_full_marks(name):
+    check_alternative("ex3", EX3_CORRECT[name])
+
+
+@pytest.mark.parametrize("name", EX3_WRONG)
+def test_ex3_mistakes_lose_points(name):
+    (old, new), message = EX3_WRONG[name]
+    check_mistake("ex3", mutate("ex3", (old, new)), message)
+
+
+# ---------------------------------------------------------------------------------------------
+# Exercise 4: the sharded optimizer
+# ---------------------------------------------------------------------------------------------
+
+EX4_HEADER = NB.solution_source("ex4").split("    @torch.no_grad()\n    def step(self):")[0]
+
+EX4_CORRECT = {
+    "list collectives and per-parameter slices": EX4_HEADER + '''
+    @torch.no_grad()
+    def step(self):
+        flat = torch.zeros(self.shard_size * self.world)
+        flat[:self.numel] = torch.cat([p.grad.flatten() for p in self.params])
+        grad_shard = torch.zeros(self.shard_size)
+        dist.reduce_scatter(grad_shard, list(flat.chunk(self.world)))
+        self.momentum_shard = self.momentum * self.momentum_shard + grad_shard / self.world
+        params = torch.zeros(self.shard_size * self.world)
+        params[:self.numel] = torch.cat([p.flatten() for p in self.params])
+        mine = params[self.start:self.start + self.shard_size] - self.lr * self.momentum_shard
+        shards = [torch.empty(self.shard_size) for _ in range(self.world)]
+        dist.all_gather(shards, mine)
+        full = torch.cat(shards)
+        offset = 0
+        for p in self.params:
+            p.data.copy_(full[offset:offset + p.numel()].reshape(p.shape))
+            offset += p.numel()
+''',
+    "a fp32 master shard kept next to the momentum": EX4_HEADER + '''
+    @torch.no_grad()
+    def step(self):
+        padded = self.shard_size * self.world
+        flat_params = torch.nn.functional.pad(torch.cat([p.reshape(-1) for p in self.params]),
+                                              (0, padded - self.numel))
+        if not hasattr(self, "master_shard"):
+            self.master_shard = flat_params[self.start:self.start + self.shard_size].clone()
+        flat_grad = torch.nn.functional.pad(torch.cat([p.grad.reshape(-1) for p in self.params]),
+                                            (0, padded - self.numel))
+        grad_shard = torch.empty(self.shard_size)
+        distributed.reduce_scatter_single(grad_shard, flat_grad.div(self.world))
+        self.momentum_shard.mul_(self.momentum).add_(grad_shard)
+        self.master_shard.sub_(self.lr * self.momentum_shard)
+        gathered = torch.empty(padded)
+        distributed.all_gather_single(gathered, self.master_shard)
+        for p, piece in zip(self.params, gathered[:self.numel].split([p.numel() for p in self.params])):
+            p.copy_(piece.view_as(p))
+''',
+}
+
+EX4_WRONG = {
+    "gradients summed, not averaged": (("        grad_shard /= self.world\n", ""), "summed over the ranks, not averaged",
+                                       None),
+    "all-reduce instead of reduce-scatter": ((
+        "        grad_shard = torch.empty(self.shard_size, dtype=flat_grad.dtype)\n"
+        "        distributed.reduce_scatter_single(grad_shard, flat_grad)\n",
+        "        dist.all_reduce(flat_grad)\n"
+        "        grad_shard = flat_grad[self.start:self.start + self.shard_size].clone()\n"),
+        "ZeRO reduce-scatters the gradients", "ex4_test_sharded"),
+    "parameters not all-gathered": ((
+        "        distributed.all_gather_single(flat_params, new_shard)\n",
+        "        flat_params[self.start:self.start + self.shard_size] = new_shard\n"), None, "ex4_test_matches_sgd"),
+    "wrong shard": (("new_shard = flat_params[self.start:self.start + self.shard_size]",
+                     "new_shard = flat_params[self.start:self.start + self.shard_size].roll(1)"), None,
+                    "ex4_test_matches_sgd"),
+}
+
+FULL_MOMENTUM = EX4_HEADER.replace(
+    "        self.momentum_shard = torch.zeros(self.shard_size, dtype=self.params[0].dtype)\n",
+    "        self.momentum_buffer = torch.zeros(self.shard_size * self.world)\n") + '''
+    @torch.no_grad()
+    def step(self):
+        flat_grad = torch.zeros(self.shard_size * self.world)
+        flat_grad[:self.numel] = torch.cat([p.grad.reshape(-1) for p in self.params])
+        grad_shard = torch.empty(self.shard_size)
+        distributed.reduce_scatter_single(grad_shard, flat_grad)
+        full_grad = torch.empty(self.shard_size * self.world)
+        distributed.all_gather_single(full_grad, grad_shard / self.world)
+        self.momentum_buffer.mul_(self.momentum).add_(full_grad)
+        offset = 0
+        for p in self.params:
+            p.sub_(self.lr * self.momentum_buffer[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+'''
+
+
+@pytest.mark.parametrize("name", EX4_CORRECT)
+def test_ex4_correct_alternatives_get_full_marks(name):
+    check_alternative("ex4", EX4_CORRECT[name])
+
+
+@pytest.mark.parametrize("name", EX4_WRONG)
+def test_ex4_mistakes_lose_points(name):
+    (old, new), message, cell = EX4_WRONG[name]
+    check_mistake("ex4", mutate("ex4", (old, new)), message, cell)
+
+
+def test_ex4_a_full_size_momentum_loses_the_sharding_points():
+    outcome = NB.run("ex4", FULL_MOMENTUM)
+    assert outcome.earned["ex4_test_matches_sgd"] > 0, "the arithmetic is right"
+    assert outcome.earned["ex4_test_sharded"] == 0
+    assert "keep only this rank's shard" in outcome.errors["ex4_test_sharded"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Exercise 5: the tensor-parallel MLP
+# ---------------------------------------------------------------------------------------------
+
+EX5_CORRECT = {
+    "clone in f, async all-reduce in g, chunk() for the slices": '''
+class CopyToTensorParallel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        total = grad.contiguous().clone()
+        dist.all_reduce(total, async_op=True).wait()
+        return total
+
+
+class ReduceFromTensorParallel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        total = x.contiguous().clone()
+        dist.all_reduce(total, async_op=True).wait()
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.clone()
+
+
+class TensorParallelMLP(nn.Module):
+    def __init__(self, fc1, fc2):
+        super().__init__()
+        rank, world = dist.get_rank(), dist.get_world_size()
+        w1 = fc1.weight.detach().chunk(world, dim=0)[rank]
+        b1 = fc1.bias.detach().chunk(world)[rank]
+        w2 = fc2.weight.detach().chunk(world, dim=1)[rank]
+        self.fc1 = nn.Linear(w1.shape[1], w1.shape[0])
+        self.fc2 = nn.Linear(w2.shape[1], w2.shape[0])
+        self.fc1.weight = nn.Parameter(w1.clone())
+        self.fc1.bias = nn.Parameter(b1.clone())
+        self.fc2.weight = nn.Parameter(w2.clone())
+        self.fc2.bias = nn.Parameter(fc2.bias.detach().clone())
+
+    def forward(self, x):
+        x = CopyToTensorParallel.apply(x)
+        partial = F.gelu(x @ self.fc1.weight.T + self.fc1.bias) @ self.fc2.weight.T
+        return ReduceFromTensorParallel.apply(partial) + self.fc2.bias
+''',
+    "narrow() and the bias of fc2 added by a module hook-free helper": '''
+class CopyToTensorParallel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out = grad * 1.0
+        dist.all_reduce(out)
+        return out
+
+
+class ReduceFromTensorParallel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        out = x * 1.0
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class TensorParallelMLP(nn.Module):
+    def __init__(self, fc1, fc2):
+        super().__init__()
+        world, rank = dist.get_world_size(), dist.get_rank()
+        width = fc1.out_features // world
+        self.fc1 = nn.Linear(fc1.in_features, width)
+        self.fc2 = nn.Linear(width, fc2.out_features)
+        self.fc1.load_state_dict({"weight": fc1.weight.narrow(0, rank * width, width),
+                                  "bias": fc1.bias.narrow(0, rank * width, width)})
+        self.fc2.load_state_dict({"weight": fc2.weight.narrow(1, rank * width, width), "bias": fc2.bias})
+
+    def forward(self, x):
+        h = F.gelu(self.fc1(CopyToTensorParallel.apply(x)))
+        return torch.add(ReduceFromTensorParallel.apply(F.linear(h, self.fc2.weight)), self.fc2.bias)
+''',
+}
+
+EX5_WRONG = {
+    "no all-reduce after the row-parallel layer": ((
+        "        return ReduceFromTensorParallel.apply(F.linear(hidden, self.fc2.weight)) + self.fc2.bias\n",
+        "        return F.linear(hidden, self.fc2.weight) + self.fc2.bias\n"),
+        "the all-reduce after the row-parallel layer is missing", "ex5_test_forward"),
+    "bias added before the all-reduce": ((
+        "        return ReduceFromTensorParallel.apply(F.linear(hidden, self.fc2.weight)) + self.fc2.bias\n",
+        "        return ReduceFromTensorParallel.apply(self.fc2(hidden))\n"),
+        "fc2's bias added on every rank before the all-reduce", "ex5_test_forward"),
+    "f's backward all-reduce missing": ((
+        "        grad = grad.clone()\n        dist.all_reduce(grad)\n        return grad\n",
+        "        return grad\n"), "f's backward all-reduce is missing", "ex5_test_backward"),
+    "an all-reduce in g's backward too": ((
+        "    @staticmethod\n    def backward(ctx, grad):\n        ### BEGIN SOLUTION\n        return grad\n",
+        "    @staticmethod\n    def backward(ctx, grad):\n        ### BEGIN SOLUTION\n        grad = grad.clone()\n"
+        "        dist.all_reduce(grad)\n        return grad\n"),
+        "an all-reduce in g's backward too?", "ex5_test_backward"),
+    "fc1 split by input features": ((
+        "        self.fc1 = nn.Linear(fc1.in_features, shard)\n",
+        "        self.fc1 = nn.Linear(fc1.in_features // world, fc1.out_features)\n"),
+        None, "ex5_test_forward"),
+}
+
+
+@pytest.mark.parametrize("name", EX5_CORRECT)
+def test_ex5_correct_alternatives_get_full_marks(name):
+    check_alternative("ex5", EX5_CORRECT[name])
+
+
+@pytest.mark.parametrize("name", EX5_WRONG)
+def test_ex5_mistakes_lose_points(name):
+    (old, new), message, cell = EX5_WRONG[name]
+    check_mistake("ex5", mutate("ex5", (old, new)), message, cell)
+
+
+# ---------------------------------------------------------------------------------------------
+# Exercise 6: the 1F1B schedule
+# ---------------------------------------------------------------------------------------------
+
+EX6_CORRECT = {
+    "backward first in the steady state, one more warm-up forward": '''
+def one_f_one_b(stage, n_stages, n_microbatches):
+    warmup = min(n_stages - stage, n_microbatches)
+    steps = [("F", m) for m in range(warmup)]
+    for m in range(n_microbatches - warmup):
+        steps += [("B", m), ("F", m + warmup)]
+    steps += [("B", m) for m in range(n_microbatches - warmup, n_microbatches)]
+    return steps
+''',
+    "a generator over one timeline": '''
+def one_f_one_b(stage, n_stages, n_microbatches):
+    def steps():
+        forwards, backwards = iter(range(n_microbatches)), iter(range(n_microbatches))
+        for _ in range(min(n_stages - stage - 1, n_microbatches)):
+            yield "F", next(forwards)
+        for m in forwards:
+            yield "F", m
+            yield "B", next(backwards)
+        for m in backwards:
+            yield "B", m
+    return list(steps())
+''',
+}
+
+EX6_WRONG = {
+    "GPipe order": (("    warmup = min(n_stages - stage - 1, n_microbatches)\n",
+                     "    warmup = n_microbatches\n"), "(All forwards first is GPipe.)", "ex6_test_schedule"),
+    "one warm-up forward too many": (("    warmup = min(n_stages - stage - 1, n_microbatches)\n",
+                                      "    warmup = min(n_stages - stage, n_microbatches)\n"),
+                                     "Too many warm-up forwards?", "ex6_test_schedule"),
+    "one warm-up forward too few": (("    warmup = min(n_stages - stage - 1, n_microbatches)\n",
+                                     "    warmup = max(min(n_stages - stage - 2, n_microbatches), 0)\n"),
+                                    "Too few warm-up forwards", "ex6_test_schedule"),
+    "warm-up not capped by the number of microbatches": (
+        ("    warmup = min(n_stages - stage - 1, n_microbatches)\n", "    warmup = n_stages - stage - 1\n"),
+        None, "ex6_test_schedule"),
+    "cool-down backwards in reverse order": (
+        ("    steps += [(\"B\", m) for m in range(next_backward, n_microbatches)]\n",
+         "    steps += [(\"B\", m) for m in reversed(range(next_backward, n_microbatches))]\n"),
+        None, "ex6_test_schedule"),
+}
+
+
+@pytest.mark.parametrize("name", EX6_CORRECT)
+def test_ex6_correct_alternatives_get_full_marks(name):
+    check_alternative("ex6", EX6_CORRECT[name])
+
+
+@pytest.mark.parametrize("name", EX6_WRONG)
+def test_ex6_mistakes_lose_points(name):
+    (old, new), message, cell = EX6_WRONG[name]
+    check_mistake("ex6", mutate("ex6", (old, new)), message, cell)
+
+
+def test_ex6_a_schedule_that_deadlocks_fails_fast_in_the_pipeline_test():
+    """Stages numbered backwards: stage 0 waits for a backward before sending the forward its
+    neighbour waits for. The simulator refuses it, so no rank hangs until the timeout."""
+    outcome = NB.run("ex6", mutate("ex6", ("    warmup = min(n_stages - stage - 1, n_microbatches)\n",
+                                           "    warmup = min(stage, n_microbatches)\n")))
+    assert sum(outcome.earned.values()) == 0
+    assert "cannot run: deadlock" in outcome.errors["ex6_test_pipeline"]

@@ -1,0 +1,323 @@
+"""Unit tests for utils/transformer.py: the reference GPT that later phases build on, and Phase 2's helpers."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from utils import transformer as tx
+
+
+def small_config(**overrides):
+    config = dict(vocab_size=37, block_size=16, n_layer=2, n_head=4, n_embd=32)
+    config.update(overrides)
+    return tx.GPTConfig(**config)
+
+
+class ReferenceCachedAttention(nn.Module):
+    """Written here independently: the KV-cache protocol of exercise 7, by recomputing a bottom-right mask."""
+
+    def __init__(self, n_embd, n_head):
+        super().__init__()
+        self.n_head = n_head
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd)
+        self.c_proj = nn.Linear(n_embd, n_embd)
+
+    def forward(self, x, past=None):
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in self.c_attn(x).split(C, dim=-1))
+        if past is not None:
+            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
+        n = k.shape[2]
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        scores = scores.masked_fill(torch.arange(n)[None, :] > torch.arange(n - T, n)[:, None], float("-inf"))
+        y = scores.softmax(-1) @ v
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C)), (k, v)
+
+
+# --------------------------------------------------------------------------- the reference GPT
+
+def test_default_config_is_the_agreed_interface():
+    config = tx.GPTConfig()
+    assert (config.vocab_size, config.block_size, config.n_layer, config.n_head, config.n_embd,
+            config.dropout, config.bias) == (65, 64, 4, 4, 128, 0.0, True)
+
+
+def test_forward_returns_logits_and_mean_next_token_loss():
+    torch.manual_seed(0)
+    model = tx.GPT(small_config())
+    idx = torch.randint(0, 37, (3, 10))
+    targets = torch.randint(0, 37, (3, 10))
+    logits, loss = model(idx, targets)
+    assert logits.shape == (3, 10, 37)
+    assert torch.allclose(loss, F.cross_entropy(logits.reshape(-1, 37), targets.reshape(-1)))
+    logits_alone, none = model(idx)
+    assert none is None and torch.equal(logits_alone, logits)
+
+
+def test_weights_are_tied_and_parameters_counted_once():
+    model = tx.GPT(small_config())
+    assert model.lm_head.weight is model.transformer.wte.weight
+    v, t, layers, d = 37, 16, 2, 32
+    assert model.num_parameters() == v * d + t * d + layers * (12 * d * d + 13 * d) + 2 * d
+    assert model.num_parameters(non_embedding=True) == layers * (12 * d * d + 13 * d) + 2 * d
+    no_bias = tx.GPT(small_config(bias=False))
+    assert no_bias.num_parameters() == v * d + t * d + layers * (12 * d * d + 2 * d) + d
+
+
+def test_gpt2_small_has_124m_parameters():
+    with torch.device("meta"):
+        model = tx.GPT(tx.GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768))
+    assert model.num_parameters() == 124_439_808
+
+
+def test_too_long_context_is_refused():
+    model = tx.GPT(small_config())
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_causality_future_tokens_do_not_change_past_logits():
+    torch.manual_seed(1)
+    model = tx.GPT(small_config()).eval()
+    idx = torch.randint(0, 37, (1, 12))
+    changed = idx.clone()
+    changed[0, 8:] = (changed[0, 8:] + 1) % 37
+    with torch.no_grad():
+        assert torch.allclose(model(idx)[0][:, :8], model(changed)[0][:, :8], atol=1e-6)
+
+
+def test_from_hf_gpt2_gives_the_same_logits():
+    hf = tx.tiny_gpt2(vocab_size=61, n_positions=20, n_embd=48, n_layer=3, n_head=6, seed=2)
+    model = tx.GPT.from_hf_gpt2(hf).eval()
+    assert model.config.block_size == 20 and model.config.n_layer == 3
+    idx = torch.randint(0, 61, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(model(idx)[0], hf(idx).logits, atol=1e-5)
+
+
+def test_from_hf_gpt2_with_transformers_default_initialisation():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=12, n_embd=32, n_layer=2, n_head=2,
+                                    bos_token_id=0, eos_token_id=0)).eval()
+    model = tx.GPT.from_hf_gpt2(hf)
+    idx = torch.randint(0, 50, (3, 12))
+    with torch.no_grad():
+        assert torch.allclose(model(idx)[0], hf(idx).logits, atol=1e-5)
+
+
+def test_load_gpt2_weights_names_what_is_missing():
+    hf = tx.tiny_gpt2()
+
+    class Wrong(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.token_embedding = nn.Embedding(101, 48)
+
+    with pytest.raises(AssertionError, match="no parameter named wte.weight"):
+        tx.load_gpt2_weights(Wrong(), hf)
+
+
+def test_cache_in_chunks_equals_the_full_forward():
+    torch.manual_seed(3)
+    model = tx.GPT(small_config()).eval()
+    idx = torch.randint(0, 37, (2, 15))
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache = tx.KVCache(model.config.n_layer)
+        pieces = [model(idx[:, :4], cache=cache)[0], model(idx[:, 4:5], cache=cache)[0],
+                  model(idx[:, 5:11], cache=cache)[0], model(idx[:, 11:], cache=cache)[0]]
+    assert cache.length == 15
+    assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature,top_k", [(0, None), (1.0, None), (0.7, 5)])
+def test_generation_with_and_without_cache_gives_the_same_tokens(temperature, top_k):
+    torch.manual_seed(4)
+    model = tx.GPT(small_config(block_size=24))
+    prompt = torch.randint(0, 37, (3, 5))
+    outputs = []
+    for use_cache in (True, False):
+        torch.manual_seed(123)
+        outputs.append(model.generate(prompt, 40, temperature=temperature, top_k=top_k, use_cache=use_cache))
+    assert outputs[0].shape == (3, 45)
+    assert torch.equal(outputs[0][:, :5], prompt)
+    assert torch.equal(outputs[0], outputs[1])  # 40 new tokens also slide past block_size=24
+
+
+def test_generation_restores_training_mode_and_respects_top_k():
+    model = tx.GPT(small_config(dropout=0.1)).train()
+    generator = torch.Generator().manual_seed(0)
+    out = model.generate(torch.zeros(2, 1, dtype=torch.long), 20, top_k=1, generator=generator)
+    assert model.training
+    greedy = model.generate(torch.zeros(2, 1, dtype=torch.long), 20, temperature=0)
+    assert torch.equal(out, greedy)
+
+
+def test_sample_greedy_and_top_k():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
+    assert tx.sample(logits, temperature=0).item() == 1
+    draws = {tx.sample(logits, top_k=2).item() for _ in range(50)}
+    assert draws <= {1, 3}
+
+
+def test_dropout_is_active_in_training_only():
+    torch.manual_seed(0)
+    model = tx.GPT(small_config(dropout=0.5))
+    idx = torch.randint(0, 37, (2, 8))
+    model.train()
+    assert not torch.equal(model(idx)[0], model(idx)[0])
+    model.eval()
+    assert torch.equal(model(idx)[0], model(idx)[0])
+
+
+# --------------------------------------------------------------------------- depth experiments
+
+def test_arranged_blocks_are_wired_differently():
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 32)
+    outputs = {}
+    for name in tx.ARRANGEMENTS:
+        torch.manual_seed(1)
+        outputs[name] = tx.ArrangedBlock(small_config(), name)(x)
+    assert len({round(float(o.detach().sum()), 4) for o in outputs.values()}) == len(tx.ARRANGEMENTS)
+    with pytest.raises(ValueError):
+        tx.ArrangedBlock(small_config(), "sideways")
+
+
+def test_gradient_vanishes_without_residuals_and_normalisation():
+    plain = tx.gradient_norms_per_layer("no LN, no residual", n_layer=12, seeds=(0,))
+    highway = tx.gradient_norms_per_layer("pre-LN", n_layer=12, seeds=(0,))
+    assert plain[0] < 1e-8 * plain[-1]
+    assert max(highway) < 100 * min(highway)
+    assert torch.get_num_threads() >= 1
+
+
+def test_gradient_norm_figure_leaves_gaps_for_zeros():
+    fig = tx.gradient_norm_figure({"a": [0.0, 1e-3, 1.0], "b": [1.0, 1.0, 1.0]})
+    assert fig.data[0].y[0] is None and fig.layout.yaxis.type == "log"
+
+
+def test_training_deep_stacks_records_every_step_and_restores_threads():
+    threads = torch.get_num_threads()
+    seen = []
+    losses = tx.train_deep_stacks(["pre-LN", "pre-LN, no residual"], 3, n_layer=2, device="cpu",
+                                  on_step=lambda name, step, loss: seen.append((name, step)))
+    assert [len(v) for v in losses.values()] == [3, 3]
+    assert len(seen) == 6 and torch.get_num_threads() == threads
+    assert all(math.isfinite(v) for values in losses.values() for v in values)
+
+
+def test_copy_task_targets_look_back():
+    idx, targets = tx.copy_task_batch(2, 12, torch.Generator().manual_seed(0), lag=3)
+    assert (targets[:, :2] == -100).all()
+    assert torch.equal(targets[:, 2:], idx[:, :10])
+
+
+# --------------------------------------------------------------------------- encoder vs decoder, positions
+
+def test_influence_matrix_is_lower_triangular_for_a_causal_function():
+    torch.manual_seed(0)
+    block = tx.Block(small_config()).eval()
+    x = torch.randn(1, 7, 32)
+    influence = tx.influence_matrix(block, x)
+    assert influence.shape == (7, 7)
+    assert influence.triu(1).abs().max() < 1e-4
+    assert (influence.diagonal() > 0).all()
+    fig = tx.influence_figure(influence, influence)
+    assert len(fig.data) == 2
+
+
+def test_positional_explorer_uses_the_functions_it_is_given_and_survives_unfinished_ones():
+    import ipywidgets as widgets
+
+    def sinusoidal(n, d, base=10000.0):
+        p = torch.arange(n, dtype=torch.float64)[:, None]
+        w = base ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+        return torch.stack([torch.sin(p * w), torch.cos(p * w)], -1).reshape(n, d).float()
+
+    def rope(x, positions, base=10000.0):
+        d = x.shape[-1]
+        angle = positions.double()[:, None] * base ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+        z = torch.view_as_complex(x.double().reshape(*x.shape[:-1], d // 2, 2).contiguous())
+        return torch.view_as_real(z * torch.polar(torch.ones_like(angle), angle)).reshape(x.shape).float()
+
+    box = tx.positional_explorer(sinusoidal, rope)
+    assert isinstance(box, widgets.VBox)
+    assert box.children[1].value == ""
+
+    def unfinished(*args):
+        raise NotImplementedError()
+
+    box = tx.positional_explorer(unfinished, unfinished)
+    assert "Not available yet" in box.children[1].value
+    assert tx.positional_heatmap(sinusoidal(8, 4)).data[0].zmin == -1
+
+
+def test_forbid_builtin_norms_switches_every_route_off_and_restores_them():
+    x = torch.randn(2, 4)
+    originals = (F.layer_norm, F.rms_norm, torch.layer_norm)
+    for call in (lambda: nn.LayerNorm(4)(x), lambda: nn.RMSNorm(4)(x), lambda: F.rms_norm(x, (4,)),
+                 lambda: torch.layer_norm(x, (4,))):
+        with pytest.raises(AssertionError, match="switched off"):
+            with tx.forbid_builtin_norms():
+                call()
+    assert (F.layer_norm, F.rms_norm, torch.layer_norm) == originals
+    with tx.forbid_builtin_norms():
+        (x - x.mean(-1, keepdim=True)) / x.std(-1, keepdim=True)
+
+
+# --------------------------------------------------------------------------- KV-cache exercise helpers
+
+def test_cached_lm_gives_the_same_logits_with_the_cache():
+    model = tx.CachedLM(ReferenceCachedAttention, vocab_size=30, block_size=20, n_layer=2, n_embd=16, n_head=2)
+    idx = torch.randint(0, 30, (2, 12))
+    with torch.no_grad():
+        full, presents = model(idx)
+        first, past = model(idx[:, :5])
+        rest = [first]
+        for i in range(5, 12):
+            logits, past = model(idx[:, i:i + 1], past)
+            rest.append(logits)
+    assert len(presents) == 2 and presents[0][0].shape == (2, 2, 12, 8)
+    assert torch.allclose(torch.cat(rest, 1), full, atol=1e-5)
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 21, dtype=torch.long))
+
+
+def test_replay_lm_logs_calls_and_matches_the_reference_gpt():
+    model = tx.ReplayLM(seed=0)
+    idx = torch.randint(0, 50, (2, 6))
+    logits, past = model(idx[:, :4])
+    last, past = model(idx[:, 4:], past)
+    assert model.calls == [(4, False), (2, True)]
+    assert torch.allclose(last, model.gpt(idx)[0][:, 4:], atol=1e-6)
+    assert torch.equal(past, idx)
+
+
+def test_time_generation_reports_both_ways():
+    def greedy(model, idx, n, use_cache=True):
+        past = None
+        for _ in range(n):
+            logits, past = model(idx if past is None or not use_cache else idx[:, -1:], past if use_cache else None)
+            idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], 1)
+        return idx
+
+    model = tx.CachedLM(ReferenceCachedAttention, vocab_size=30, block_size=40, n_embd=16, n_head=2)
+    results = tx.time_generation(greedy, model, [2, 6])
+    assert results["same tokens"] is True
+    assert len(results["with cache"]) == len(results["without cache"]) == 2
+    assert len(tx.generation_time_figure(results).data) == 2
+
+
+def test_live_loss_curve_collects_points():
+    curve = tx.LiveLossCurve(["a", "b"], every=2)
+    for step in range(5):
+        curve("a", step, 1.0 / (step + 1))
+    curve.flush()
+    assert list(curve.live.fig.data[0].x) == [0, 1, 2, 3, 4]
+    assert len(curve.live.fig.data[1].x) == 0
