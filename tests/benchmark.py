@@ -18,7 +18,8 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
-sys.path.insert(0, str(Path(__file__).parent))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from machine import describe  # noqa: E402
 from test_autograde_phases import notebook_of, solved  # noqa: E402
 from test_autograde_roundtrip import course_copy, instructor  # noqa: E402
@@ -56,7 +57,7 @@ def autograde_one_submission(phase: str) -> tuple[float, float, str]:
         again = instructor(root, "autograde", "--phase", phase, "--force")
         regrade = time.perf_counter() - start
         assert again.returncode == 0, again.stdout + again.stderr
-        summary = next((line.strip() for line in again.stdout.splitlines() if "student" in line), "")
+        summary = next((line.strip() for line in again.stdout.splitlines() if line.strip().startswith(phase)), "")
         return with_gradebook, regrade, summary
 
 
