@@ -22,8 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from machine import describe  # noqa: E402
+# Exercises 1 and 6 of the notebook, written independently for the tests.
+from test_utils_parallelism import one_f_one_b, zero_formula  # noqa: E402
 from utils import distributed, parallelism  # noqa: E402
-
 
 
 def rank_id():
@@ -43,19 +44,6 @@ def launch_times(world_size: int, fn, repeats: int, **kwargs) -> list[float]:
         distributed.launch(fn, world_size, **kwargs)
         times.append(time.perf_counter() - start)
     return times
-
-
-def one_f_one_b(stage, n_stages, n_microbatches):
-    warmup = min(n_stages - stage - 1, n_microbatches)
-    steps = [("F", m) for m in range(warmup)]
-    for m in range(warmup, n_microbatches):
-        steps += [("F", m), ("B", m - warmup)]
-    return steps + [("B", m) for m in range(n_microbatches - warmup, n_microbatches)]
-
-
-def zero_formula(n_params, world_size, zero_stage):
-    return (2 * n_params / (world_size if zero_stage >= 3 else 1) + 2 * n_params / (world_size if zero_stage >= 2 else 1)
-            + 12 * n_params / (world_size if zero_stage >= 1 else 1))
 
 
 def main() -> None:

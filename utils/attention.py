@@ -237,43 +237,6 @@ def toy_heads(tokens: Sequence[str] = EXPLORER_TOKENS, d: int = 16, strength: fl
     return q, k
 
 
-class _LiveFigure:
-    """A figure whose heatmaps can be redrawn in place.
-
-    plotly's ``FigureWidget`` does that smoothly, but plotly 6+ needs the
-    ``anywidget`` package for it; without it the figure is redrawn in an output area.
-    """
-
-    def __init__(self, fig):
-        import ipywidgets as widgets
-        import plotly.graph_objects as go
-
-        try:
-            self.fig = go.FigureWidget(fig)
-            self.widget, self._output = self.fig, None
-        except ImportError:  # plotly 6+ without anywidget
-            self.fig = fig
-            self.widget = self._output = widgets.Output()
-            self._redraw()
-
-    def _redraw(self):
-        from IPython.display import display
-
-        self._output.clear_output(wait=True)
-        with self._output:
-            display(self.fig)
-
-    def update(self, matrices, title: str):
-        with contextlib.ExitStack() as stack:
-            if self._output is None:
-                stack.enter_context(self.fig.batch_update())
-            for trace, z in zip(self.fig.data, matrices):
-                trace.z = z.tolist()
-            self.fig.layout.title.text = title
-        if self._output is not None:
-            self._redraw()
-
-
 def attention_explorer(sdpa: Callable | None = None, causal_mask: Callable | None = None,
                        padding_mask: Callable | None = None):
     """Interactive heatmaps of four attention heads on a short sentence.
@@ -310,7 +273,7 @@ def attention_explorer(sdpa: Callable | None = None, causal_mask: Callable | Non
     source = widgets.ToggleButtons(options=["PyTorch", "yours"], description="weights from",
                                    disabled=sdpa is None)
     status = widgets.HTML()
-    figure = _LiveFigure(plots.heatmap_grid([torch.zeros(t, t)] * len(HEAD_NAMES), HEAD_NAMES, x=tokens, y=tokens,
+    figure = plots.LiveFigure(plots.heatmap_grid([torch.zeros(t, t)] * len(HEAD_NAMES), HEAD_NAMES, x=tokens, y=tokens,
                                             title="attention weights", height=400))
 
     def refresh(_=None):
@@ -327,7 +290,8 @@ def attention_explorer(sdpa: Callable | None = None, causal_mask: Callable | Non
         if weights is None:
             weights = builtin(mask_kind, tau)
         status.value = f"<i>{note}</i>" if note else ""
-        figure.update(weights.detach(), f"softmax(q·kᵀ / (√d · τ)), τ = {tau:.2f}, mask: {mask_kind}")
+        figure.update({i: {"z": w} for i, w in enumerate(weights.detach())},
+                      f"softmax(q·kᵀ / (√d · τ)), τ = {tau:.2f}, mask: {mask_kind}")
 
     for control in (temperature, masking, source):
         control.observe(refresh, names="value")

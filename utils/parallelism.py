@@ -25,7 +25,6 @@ argument, and the pipeline tools take your exercise-6 schedule.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -808,39 +807,6 @@ def plan_3d(memory_fn: Callable[[int, int, int], float], *, n_layers: int, hidde
     return Plan(memory, times, d, n_micro, bubble, notes)
 
 
-class _LiveFigure:
-    """A plotly figure redrawn in place: a ``FigureWidget`` when plotly can make one (plotly 6+
-    needs ``anywidget``), otherwise a figure redrawn inside an output area."""
-
-    def __init__(self, fig: go.Figure):
-        import ipywidgets as widgets
-
-        try:
-            self.fig = go.FigureWidget(fig)
-            self.widget, self._output = self.fig, None
-        except ImportError:
-            self.fig = fig
-            self.widget = self._output = widgets.Output()
-            self.redraw()
-
-    @contextlib.contextmanager
-    def batch(self):
-        if self._output is None:
-            with self.fig.batch_update():
-                yield self.fig
-        else:
-            yield self.fig
-            self.redraw()
-
-    def redraw(self):
-        from IPython.display import display
-
-        if self._output is not None:
-            self._output.clear_output(wait=True)
-            with self._output:
-                display(self.fig)
-
-
 def _plan_figure(plan: Plan, gpu: GPU) -> go.Figure:
     fig = make_subplots(rows=1, cols=2, subplot_titles=("memory per device (GB)", "modelled time per step (s)"),
                         horizontal_spacing=0.15)
@@ -883,7 +849,7 @@ def planner(memory_fn: Callable[[int, int, int], float], gpu: GPU | None = None)
     recompute = widgets.ToggleButtons(options=["none", "selective", "full"], value="selective",
                                       description="recompute", style=style)
     summary = widgets.HTML()
-    figure = _LiveFigure(_plan_figure(Plan({}, {}, 1, 1, 0.0, []), gpu))
+    figure = plots.LiveFigure(_plan_figure(Plan({}, {}, 1, 1, 0.0, []), gpu))
 
     def refresh(_=None):
         shape = MODEL_SHAPES[model.value]

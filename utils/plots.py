@@ -7,6 +7,7 @@ Tensors are accepted wherever numbers are expected.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Mapping, Sequence
 
 import plotly.graph_objects as go
@@ -91,3 +92,50 @@ def _axis_labels(labels):
         # A zero-width space per repeat keeps the label readable and distinct.
         unique.append(label + "\u200b" * (seen[label] - 1))
     return unique
+
+
+class LiveFigure:
+    """A figure that changes in place while a cell runs or a slider moves.
+
+    Show ``live.widget`` once, then change the figure inside ``with live.batch() as fig:``
+    (or with ``live.update``): the browser redraws once per batch. plotly's ``FigureWidget``
+    redraws smoothly (plotly 6+ needs the ``anywidget`` package for it); without it the
+    figure is redrawn inside an output area instead, so explorers work either way.
+    """
+
+    def __init__(self, fig: go.Figure):
+        import ipywidgets as widgets
+
+        try:
+            self.fig = go.FigureWidget(fig)
+            self.widget, self._output = self.fig, None
+        except ImportError:  # plotly 6+ without anywidget
+            self.fig = fig
+            self.widget = self._output = widgets.Output()
+            self._redraw()
+
+    @contextlib.contextmanager
+    def batch(self):
+        """Change ``fig`` (yielded) inside the block; the figure is redrawn once at its end."""
+        if self._output is None:
+            with self.fig.batch_update():
+                yield self.fig
+        else:
+            yield self.fig
+            self._redraw()
+
+    def update(self, changes: Mapping[int, Mapping], title: str | None = None) -> None:
+        """Set properties of traces, ``{trace_index: {"x": [...], "y": [...]}}`` (tensors
+        accepted), and the title."""
+        with self.batch() as fig:
+            for index, props in changes.items():
+                fig.data[index].update(**{k: _numbers(v) for k, v in props.items()})
+            if title is not None:
+                fig.layout.title.text = title
+
+    def _redraw(self):
+        from IPython.display import display
+
+        self._output.clear_output(wait=True)
+        with self._output:
+            display(self.fig)

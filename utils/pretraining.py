@@ -635,22 +635,14 @@ class LiveLossPlot:
         self.every = every
         self._steps, self._losses, self._smoothed = [], [], []
         self._evals: list[tuple[int, float, float]] = []
-        try:
-            self.fig = go.FigureWidget(fig)
-            self.widget, self._output = self.fig, None
-        except ImportError:  # plotly 6+ without anywidget: redraw a static figure instead
-            import ipywidgets as widgets
-
-            self.fig, self._output = fig, widgets.Output()
-            self.widget = self._output
+        self.live = plots.LiveFigure(fig)
+        self.widget, self.fig = self.live.widget, self.live.fig
         self._pending = 0
 
     def _ipython_display_(self):
         from IPython.display import display
 
         display(self.widget)
-        if self._output is not None:
-            self._redraw()
 
     def add_loss(self, step: int, loss: float) -> None:
         """Record the training loss of one iteration."""
@@ -670,22 +662,10 @@ class LiveLossPlot:
     def flush(self) -> None:
         """Draw everything recorded so far."""
         self._pending = 0
-        with contextlib.ExitStack() as stack:
-            if self._output is None:
-                stack.enter_context(self.fig.batch_update())
-            self.fig.data[0].x, self.fig.data[0].y = list(self._steps), list(self._smoothed)
-            steps = [e[0] for e in self._evals]
-            self.fig.data[1].x, self.fig.data[1].y = steps, [e[1] for e in self._evals]
-            self.fig.data[2].x, self.fig.data[2].y = steps, [e[2] for e in self._evals]
-        if self._output is not None:
-            self._redraw()
-
-    def _redraw(self):
-        from IPython.display import display
-
-        self._output.clear_output(wait=True)
-        with self._output:
-            display(self.fig)
+        steps = [e[0] for e in self._evals]
+        self.live.update({0: {"x": self._steps, "y": self._smoothed},
+                          1: {"x": steps, "y": [e[1] for e in self._evals]},
+                          2: {"x": steps, "y": [e[2] for e in self._evals]}})
 
 
 def save_training_state(path, *, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler=None,

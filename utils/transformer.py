@@ -513,51 +513,6 @@ def copy_task_batch(batch_size: int, seq_len: int, generator: torch.Generator | 
     return idx, targets
 
 
-# ---------------------------------------------------------------------------
-# Live figures (plotly FigureWidget, with a fallback)
-# ---------------------------------------------------------------------------
-
-class LiveFigure:
-    """A plotly figure whose traces can be changed in place: ``live.update(i, x=..., y=...)``.
-
-    Show ``live.widget``. plotly's ``FigureWidget`` redraws smoothly (plotly 6+ needs the
-    ``anywidget`` package for it); without it the figure is redrawn in an output area.
-    """
-
-    def __init__(self, fig):
-        import ipywidgets as widgets
-        import plotly.graph_objects as go
-
-        try:
-            self.fig = go.FigureWidget(fig)
-            self.widget, self._output = self.fig, None
-        except ImportError:  # plotly 6+ without anywidget
-            self.fig = fig
-            self.widget = self._output = widgets.Output()
-            self._redraw()
-
-    def _redraw(self):
-        from IPython.display import display
-
-        self._output.clear_output(wait=True)
-        with self._output:
-            display(self.fig)
-
-    def update(self, changes: dict[int, dict], title: str | None = None) -> None:
-        """Set properties of traces: ``{trace_index: {"x": [...], "y": [...]}}``, and the title."""
-        import contextlib
-
-        with contextlib.ExitStack() as stack:
-            if self._output is None:
-                stack.enter_context(self.fig.batch_update())
-            for index, props in changes.items():
-                self.fig.data[index].update(**{k: plots._numbers(v) for k, v in props.items()})
-            if title is not None:
-                self.fig.layout.title.text = title
-        if self._output is not None:
-            self._redraw()
-
-
 class LiveLossCurve:
     """A loss chart that grows while training runs: call ``curve(name, step, loss)`` after each step.
 
@@ -572,7 +527,7 @@ class LiveLossCurve:
         self.points = {name: ([], []) for name in self.names}
         fig = plots.line_chart([], {name: [] for name in self.names}, title=title, xaxis_title="step",
                                yaxis_title="cross-entropy", markers=False, height=height)
-        self.live = LiveFigure(fig)
+        self.live = plots.LiveFigure(fig)
         if not runtime.is_grading():
             display(self.live.widget)
 
@@ -663,7 +618,7 @@ def positional_explorer(sinusoidal: Callable, rope: Callable, n_positions: int =
     fig.update_xaxes(range=[-1.2, 1.2], row=1, col=2, scaleanchor="y2", scaleratio=1)
     fig.update_yaxes(range=[-1.2, 1.2], row=1, col=2)
     fig.update_layout(template=plots.TEMPLATE, font=plots.FONT, height=420, legend=dict(orientation="h", y=-0.2))
-    live = LiveFigure(fig)
+    live = plots.LiveFigure(fig)
 
     position = widgets.IntSlider(value=20, min=0, max=n_positions - 1, description="position m")
     width = widgets.Dropdown(options=[8, 16, 32, 64, 128], value=32, description="d")
