@@ -71,8 +71,7 @@ EX1_WRONG = {
 
 @pytest.mark.parametrize("name", EX1_CORRECT)
 def test_ex1_correct_alternatives_get_full_marks(name):
-    outcome = NB.run("ex1", EX1_CORRECT[name])
-    assert outcome.full_marks, outcome.errors
+    NB.assert_full_marks("ex1", EX1_CORRECT[name])
 
 
 @pytest.mark.parametrize("name", EX1_WRONG)
@@ -157,8 +156,7 @@ EX2_WRONG = {
 
 @pytest.mark.parametrize("name", EX2_CORRECT)
 def test_ex2_correct_alternatives_get_full_marks(name):
-    outcome = NB.run("ex2", EX2_CORRECT[name])
-    assert outcome.full_marks, outcome.errors
+    NB.assert_full_marks("ex2", EX2_CORRECT[name])
 
 
 @pytest.mark.parametrize("name", EX2_WRONG)
@@ -252,8 +250,7 @@ EX3_WRONG = {
 
 @pytest.mark.parametrize("name", EX3_CORRECT)
 def test_ex3_correct_alternatives_get_full_marks(name):
-    outcome = NB.run("ex3", EX3_CORRECT[name])
-    assert outcome.full_marks, outcome.errors
+    NB.assert_full_marks("ex3", EX3_CORRECT[name])
 
 
 @pytest.mark.parametrize("name", EX3_WRONG)
@@ -328,8 +325,7 @@ EX4_WRONG = {
 
 @pytest.mark.parametrize("name", EX4_CORRECT)
 def test_ex4_correct_alternatives_get_full_marks(name):
-    outcome = NB.run("ex4", EX4_CORRECT[name])
-    assert outcome.full_marks, outcome.errors
+    NB.assert_full_marks("ex4", EX4_CORRECT[name])
 
 
 @pytest.mark.parametrize("name", EX4_WRONG)
@@ -403,8 +399,7 @@ def tiled_attention(q, k, v, block_size):
 
 @pytest.mark.parametrize("name", EX5_CORRECT)
 def test_ex5_correct_alternatives_get_full_marks(name):
-    outcome = NB.run("ex5", EX5_CORRECT[name])
-    assert outcome.full_marks, outcome.errors
+    NB.assert_full_marks("ex5", EX5_CORRECT[name])
 
 
 @pytest.mark.parametrize("name", EX5_WRONG)

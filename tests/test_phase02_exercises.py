@@ -60,8 +60,7 @@ EX1_WRONG = {
 
 @pytest.mark.parametrize("name", EX1_CORRECT)
 def test_ex1_correct_alternatives_get_full_marks(name):
-    outcome = NB.run("ex1", EX1_CORRECT[name])
-    assert outcome.full_marks, outcome.errors
+    NB.assert_full_marks("ex1", EX1_CORRECT[name])
 
 
 @pytest.mark.parametrize("name", EX1_WRONG)
@@ -118,8 +117,7 @@ EX2_WRONG = {
 
 @pytest.mark.parametrize("name", EX2_CORRECT)
 def test_ex2_correct_alternatives_get_full_marks(name):
-    outcome = NB.run("ex2", EX2_CORRECT[name])
-    assert outcome.full_marks, outcome.errors
+    NB.assert_full_marks("ex2", EX2_CORRECT[name])
 
 
 @pytest.mark.parametrize("name", EX2_WRONG)
@@ -188,8 +186,7 @@ EX3_WRONG = {
 
 @pytest.mark.parametrize("name", EX3_CORRECT)
 def test_ex3_correct_alternatives_get_full_marks(name):
-    outcome = NB.run("ex3", EX3_CORRECT[name])
-    assert outcome.full_marks, outcome.errors
+    NB.assert_full_marks("ex3", EX3_CORRECT[name])
 
 
 @pytest.mark.parametrize("name", EX3_WRONG)
@@ -240,8 +237,7 @@ EX4_WRONG = {
 
 @pytest.mark.parametrize("name", EX4_CORRECT)
 def test_ex4_correct_alternatives_get_full_marks(name):
-    outcome = NB.run("ex4", EX4_CORRECT[name])
-    assert outcome.full_marks, outcome.errors
+    NB.assert_full_marks("ex4", EX4_CORRECT[name])
 
 
 @pytest.mark.parametrize("name", EX4_WRONG)
@@ -367,8 +363,7 @@ EX5_WRONG = {
 
 @pytest.mark.parametrize("name", EX5_CORRECT)
 def test_ex5_correct_alternatives_get_full_marks(name):
-    outcome = NB.run("ex5", EX5_CORRECT[name])
-    assert outcome.full_marks, outcome.errors
+    NB.assert_full_marks("ex5", EX5_CORRECT[name])
 
 
 @pytest.mark.parametrize("name", EX5_WRONG)
@@ -471,8 +466,7 @@ EX6_WRONG = {
 
 @pytest.mark.parametrize("name", EX6_CORRECT)
 def test_ex6_correct_alternatives_get_full_marks(name):
-    outcome = NB.run("ex6", EX6_CORRECT[name])
-    assert outcome.full_marks, outcome.errors
+    NB.assert_full_marks("ex6", EX6_CORRECT[name])
 
 
 @pytest.mark.parametrize("name", EX6_WRONG)
@@ -585,8 +579,7 @@ EX7_WRONG = {
 
 @pytest.mark.parametrize("name", EX7_CORRECT)
 def test_ex7_correct_alternatives_get_full_marks(name):
-    outcome = NB.run("ex7", EX7_CORRECT[name])
-    assert outcome.full_marks, outcome.errors
+    NB.assert_full_marks("ex7", EX7_CORRECT[name])
 
 
 @pytest.mark.parametrize("name", EX7_WRONG)
