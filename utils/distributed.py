@@ -68,15 +68,17 @@ import time
 import traceback
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import cloudpickle
 import torch
-import torch._dynamo  # noqa: F401 - see below
-import torch.distributed as dist
-
 # The first optimizer a process creates imports torch's compiler stack (~1.5 s). Imported here,
 # once, every forked rank inherits it instead of paying it again.
+import torch._dynamo  # noqa: F401
+import torch.distributed as dist
+
+from . import runtime
 
 __all__ = ["launch", "run_under_torchrun", "run_with_torchrun", "device", "choose_backend", "RankError",
            "LaunchTimeout", "reduce_scatter_single", "all_gather_single"]
@@ -406,7 +408,6 @@ def launch(fn: Callable, world_size: int, *args, kwargs: dict | None = None, tim
     if backend == "nccl" and start_method == "fork":
         raise ValueError("NCCL ranks must be spawned: CUDA cannot be used in a forked process")
 
-    from . import runtime  # noqa: PLC0415
     grading = runtime.is_grading()
     store_dir = tempfile.mkdtemp(prefix="course-launch-")
     ranks: list[_Rank] = []
@@ -770,8 +771,6 @@ def run_with_torchrun(script, nproc_per_node: int = 2, *, timeout: float = 300.0
     and each process gets one thread (``OMP_NUM_THREADS=1``). Returns the finished process, with
     its ``returncode``, ``stdout`` and ``stderr`` as text.
     """
-    from pathlib import Path  # noqa: PLC0415
-
     repo = str(Path(__file__).resolve().parents[1])
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join([repo] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])

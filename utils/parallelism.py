@@ -49,13 +49,6 @@ COLOURS = {"parameters": "#4C78A8", "gradients": "#F58518", "optimizer state": "
 # Memory: what one rank holds
 # ---------------------------------------------------------------------------------------------
 
-def _style(fig: go.Figure, title: str | None, height: int | None) -> go.Figure:
-    """The course's look (``utils.plots``) for figures built here."""
-    fig.update_layout(template=plots.TEMPLATE, font=plots.FONT, title=title, height=height,
-                      margin=dict(l=60, r=20, t=70 if title else 30, b=50))
-    return fig
-
-
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     """The part of ``tensor`` this rank stores: a DTensor's (FSDP2, tensor parallel) local shard."""
     to_local = getattr(tensor, "to_local", None)
@@ -170,7 +163,7 @@ def memory_figure(reports: Mapping[str, Sequence[MemoryReport]], *, title: str =
                              hovertemplate=f"%{{x}}<br>{category}: %{{y:.1f}} {unit}<extra></extra>"))
     fig.update_layout(barmode="stack", legend=dict(orientation="h", y=-0.25))
     fig.update_yaxes(title=unit)
-    return _style(fig, title, height)
+    return plots.style(fig, title, height)
 
 
 def saved_activation_bytes(fn: Callable, *args, exclude=(), **kwargs) -> tuple[object, int]:
@@ -454,7 +447,7 @@ def comm_time_figure(logs: Mapping[str, Sequence[CommEvent]], *, links: Mapping[
                              hovertemplate="%{x}: %{y:.3g} ms<extra>" + name + "</extra>"))
     fig.update_yaxes(title="modelled time per step (ms)", type="log")
     fig.update_layout(barmode="group", legend=dict(orientation="h", y=-0.2))
-    return _style(fig, title or "Modelled communication time per step (alpha-beta model, assumptions above)",
+    return plots.style(fig, title or "Modelled communication time per step (alpha-beta model, assumptions above)",
                         420)
 
 
@@ -498,7 +491,7 @@ def ring_allreduce_figure(world_size: int = 4) -> go.Figure:
         sliders=[dict(steps=[dict(method="animate", label=str(i),
                                   args=[[str(i)], dict(mode="immediate", frame=dict(duration=0, redraw=True))])
                              for i in range(len(frames))], currentvalue=dict(prefix="step "), pad=dict(t=40))])
-    fig = _style(fig, frames[0][1], 380)
+    fig = plots.style(fig, frames[0][1], 380)
     fig.add_annotation(text="→ : the chunk this rank sends to rank r + 1 at this step", showarrow=False,
                        xref="paper", yref="paper", x=0, y=1.08)
     return fig
@@ -629,7 +622,7 @@ def pipeline_gantt(run: PipelineRun, *, title: str | None = None, time_unit: str
     default = (f"p = {run.n_stages} stages, m = {run.n_microbatches} microbatches: bubble {run.bubble:.3f} "
                f"(formula (p-1)/(m+p-1) = {bubble_formula(run.n_stages, run.n_microbatches):.3f}); "
                f"activations held at most: {run.peak_in_flight}")
-    return _style(fig, title or default, height or 120 + 45 * run.n_stages)
+    return plots.style(fig, title or default, height or 120 + 45 * run.n_stages)
 
 
 def run_pipeline(stage_module: torch.nn.Module, schedule: Schedule, *, microbatches: Sequence[torch.Tensor] | None,
@@ -821,7 +814,7 @@ def _plan_figure(plan: Plan, gpu: GPU) -> go.Figure:
     fig.add_hline(y=gpu.memory_bytes / 1e9, line_dash="dash", line_color="red", row=1, col=1,
                   annotation_text=f"{gpu.name}", annotation_position="top left")
     fig.update_layout(barmode="stack", legend=dict(orientation="v", x=1.02))
-    return _style(fig, None, 420)
+    return plots.style(fig, None, 420)
 
 
 def planner(memory_fn: Callable[[int, int, int], float], gpu: GPU | None = None):

@@ -24,9 +24,11 @@ def _numbers(values):
     return values.tolist() if hasattr(values, "tolist") else list(values)
 
 
-def _style(fig: go.Figure, title: str | None, height: int | None, width: int | None) -> go.Figure:
+def style(fig: go.Figure, title: str | None = None, height: int | None = None,
+          width: int | None = None) -> go.Figure:
+    """Give ``fig`` the course's look (template, font, margins with room for a title); return it."""
     fig.update_layout(template=TEMPLATE, font=FONT, title=title, height=height, width=width,
-                      margin=dict(l=60, r=20, t=60 if title else 30, b=50))
+                      margin=dict(l=60, r=20, t=70 if title is not None else 30, b=50))
     return fig
 
 
@@ -45,7 +47,7 @@ def heatmap(z, x: Sequence | None = None, y: Sequence | None = None, *, title: s
     fig = go.Figure(trace)
     fig.update_xaxes(title=xaxis_title, side="bottom")
     fig.update_yaxes(title=yaxis_title, autorange="reversed")
-    return _style(fig, title, height, width)
+    return style(fig, title, height, width)
 
 
 def heatmap_grid(matrices: Sequence, titles: Sequence[str], x: Sequence | None = None,
@@ -61,7 +63,7 @@ def heatmap_grid(matrices: Sequence, titles: Sequence[str], x: Sequence | None =
                       row=1, col=col)
         fig.update_yaxes(autorange="reversed", showticklabels=col == 1, row=1, col=col)
     fig.update_layout(coloraxis=dict(colorscale=colorscale, cmin=zmin, cmax=zmax))
-    return _style(fig, title, height, width)
+    return style(fig, title, height, width)
 
 
 def line_chart(x, series: Mapping[str, Sequence], *, title: str | None = None,
@@ -78,7 +80,7 @@ def line_chart(x, series: Mapping[str, Sequence], *, title: str | None = None,
         fig.add_trace(go.Scatter(x=_numbers(x), y=_numbers(ys), name=name, mode=mode))
     fig.update_xaxes(title=xaxis_title, type="log" if log_x else None)
     fig.update_yaxes(title=yaxis_title, type="log" if log_y else None)
-    return _style(fig, title, height, width)
+    return style(fig, title, height, width)
 
 
 def _axis_labels(labels):

@@ -426,8 +426,7 @@ def objectives_figure(result: dict):
     fig.update_xaxes(title="step", row=1, col=1)
     fig.update_yaxes(title="loss", row=1, col=1)
     fig.update_yaxes(title="% of positions", range=[0, 115], row=1, col=2)
-    fig.update_layout(template=plots.TEMPLATE, font=plots.FONT, height=380, margin=dict(l=60, r=20, t=60, b=50))
-    return fig
+    return plots.style(fig, height=380)
 
 
 def _smooth(values: Sequence[float], weight: float = 0.9) -> list[float]:
@@ -630,8 +629,7 @@ class LiveLossPlot:
                          go.Scatter(x=[], y=[], name="validation (evaluated)", mode="markers+lines")])
         fig.update_xaxes(title="iteration")
         fig.update_yaxes(title="cross-entropy (nats per token)")
-        fig.update_layout(template=plots.TEMPLATE, font=plots.FONT, title=title, height=height,
-                          margin=dict(l=60, r=20, t=60, b=50))
+        plots.style(fig, title, height)
         self.every = every
         self._steps, self._losses, self._smoothed = [], [], []
         self._evals: list[tuple[int, float, float]] = []
@@ -852,15 +850,9 @@ def sampling_explorer(model: GPT, tokenizer: CharTokenizer, filter_logits: Calla
     top_p = widgets.FloatSlider(value=1.0, min=0.05, max=1.0, step=0.01, description="top-p")
     status, sample_out = widgets.HTML(), widgets.Output()
     button = widgets.Button(description="sample 200 characters")
-    fig = go.Figure(go.Bar(x=[], y=[]))
-    fig.update_layout(template=plots.TEMPLATE, font=plots.FONT, height=340, yaxis_title="probability",
-                      margin=dict(l=60, r=20, t=50, b=50))
-    try:
-        fig = go.FigureWidget(fig)
-        live = True
-    except ImportError:
-        live = False
-    figure_out = widgets.Output()
+    fig = plots.style(go.Figure(go.Bar(x=[], y=[])), title="", height=340)
+    fig.update_layout(yaxis_title="probability")
+    live = plots.LiveFigure(fig)
 
     def filtered(logits):
         k = top_k.value or None
@@ -890,28 +882,18 @@ def sampling_explorer(model: GPT, tokenizer: CharTokenizer, filter_logits: Calla
         colors = ["#636efa" if kept[i] > 0 else "#cccccc" for i in order]
         status.value = (f"<i>{note}</i> " if note else "") + (
             f"{int((kept > 0).sum())} of {tokenizer.vocab_size} characters can be sampled")
-        with contextlib.ExitStack() as stack:
-            if live:
-                stack.enter_context(fig.batch_update())
+        with live.batch() as fig:
             fig.data[0].x, fig.data[0].y = labels, [float(kept[i]) for i in order]
             fig.data[0].marker.color = colors
             fig.layout.title.text = f"Next character after the prompt (the {shown} most likely before filtering)"
-        if not live:
-            from IPython.display import display
-
-            figure_out.clear_output(wait=True)
-            with figure_out:
-                display(fig)
 
     def sample(_=None):
-        device = next(model.parameters()).device
         ids = tokenizer.encode(prompt_box.value, errors="replace")
         g = torch.Generator().manual_seed(len(ids))
         for _ in range(200):
             logits = next_token_distribution(model, tokenizer, tokenizer.decode(ids))
             kept_logits, _ = filtered(logits)
             ids.append(int(torch.multinomial(F.softmax(kept_logits.float(), -1), 1, generator=g)))
-        del device
         sample_out.clear_output()
         with sample_out:
             print(tokenizer.decode(ids))
@@ -921,7 +903,7 @@ def sampling_explorer(model: GPT, tokenizer: CharTokenizer, filter_logits: Calla
     button.on_click(sample)
     refresh()
     return widgets.VBox([prompt_box, widgets.HBox([temperature, top_k, top_p]), status,
-                         fig if live else figure_out, button, sample_out])
+                         live.widget, button, sample_out])
 
 
 def schedule_figure(lr_at: Callable | None, total: int = 2000, warmup: int = 100, max_lr: float = 1e-3,

@@ -617,7 +617,7 @@ def positional_explorer(sinusoidal: Callable, rope: Callable, n_positions: int =
     fig.update_yaxes(range=[-1.1, 1.1], row=1, col=1)
     fig.update_xaxes(range=[-1.2, 1.2], row=1, col=2, scaleanchor="y2", scaleratio=1)
     fig.update_yaxes(range=[-1.2, 1.2], row=1, col=2)
-    fig.update_layout(template=plots.TEMPLATE, font=plots.FONT, height=420, legend=dict(orientation="h", y=-0.2))
+    plots.style(fig, height=420).update_layout(legend=dict(orientation="h", y=-0.2))
     live = plots.LiveFigure(fig)
 
     position = widgets.IntSlider(value=20, min=0, max=n_positions - 1, description="position m")
