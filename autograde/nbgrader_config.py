@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from autograde.feedback import HideHiddenTests  # noqa: E402
+from autograde.feedback import FeedbackFromVerdicts  # noqa: E402
 from autograde.layout import LMS_FILENAME_REGEX  # noqa: E402
 from nbconvert.preprocessors import CSSHTMLHeaderPreprocessor  # noqa: E402
 from nbgrader.preprocessors import GetGrades  # noqa: E402
@@ -49,12 +49,15 @@ c.Execute.kernel_manager_class = "autograde.sandbox.SandboxedKernelManager"
 # A cell that runs longer than this is interrupted and scores 0; grading goes on.
 c.Execute.timeout = 120
 c.Execute.interrupt_on_timeout = True
+# On a busy grading machine a kernel's output can lag behind its reply by more than nbclient's 4 s
+# default, which fails the whole submission ("Timeout waiting for IOPub output").
+c.Execute.iopub_timeout = 60
 
 # A student who deletes a locked test cell gets it back (and is graded on it).
 c.OverwriteCells.add_missing_cells = True
 
-# Feedback shows which exercises failed and the visible messages, never hidden tests.
-c.GenerateFeedback.preprocessors = [GetGrades, CSSHTMLHeaderPreprocessor, HideHiddenTests]
+# Feedback is made from verdicts: pass/fail per test cell and the visible tests' messages (autograde/feedback.py).
+c.GenerateFeedback.preprocessors = [GetGrades, CSSHTMLHeaderPreprocessor, FeedbackFromVerdicts]
 
 # LMS downloads (zip_collect): "<student>_[late_][<numbers>_]<notebook>.ipynb", as Canvas names them.
 c.ZipCollectApp.collector_plugin = "nbgrader.plugins.FileNameCollectorPlugin"

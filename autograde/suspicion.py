@@ -28,7 +28,14 @@ ATTRIBUTES = {
     "replace": None, "write_text": "file access", "write_bytes": "file access", "read_text": "file access",
     "read_bytes": "file access", "listdir": "file access", "scandir": "file access", "walk": "file access",
     "chdir": "file access", "rmtree": "file access", "copy": None, "urlopen": "network",
+    "_C": "PyTorch internals (torch._C)", "_python_dispatch": "PyTorch dispatch internals",
+    "_disable_current_modes": "switches off PyTorch dispatch modes", "addaudithook": "audit hooks",
+    "__torch_function__": "a tensor subclass that answers PyTorch calls itself",
+    "__torch_dispatch__": "a tensor subclass that answers PyTorch calls itself",
 }
+# Private machinery whose import alone deserves a look (module paths, at any depth).
+PRIVATE_MODULES = {"_C": "PyTorch internals (torch._C)", "_python_dispatch": "PyTorch dispatch internals",
+                   "_dynamo": None}
 MODULES = {
     "sys": None, "os": None, "gc": "garbage collector", "ctypes": "ctypes", "importlib": "importlib",
     "inspect": "frame access", "subprocess": "subprocess", "socket": "network", "urllib": "network",
@@ -67,6 +74,9 @@ def _scan(tree: ast.AST, modules: set[str]) -> list[str]:
                 imported.add(top)
                 if MODULES.get(top):
                     found.append(f"imports {top} ({MODULES[top]})")
+                private = next((PRIVATE_MODULES[p] for p in name.split(".")[1:] if PRIVATE_MODULES.get(p)), None)
+                if private:
+                    found.append(f"imports {name} ({private})")
             if isinstance(node, ast.ImportFrom):
                 imported.update(a.asname or a.name for a in node.names)
     # `%time` and friends become get_ipython().run_line_magic(...): harmless ones are not flagged.
@@ -96,6 +106,8 @@ def _scan(tree: ast.AST, modules: set[str]) -> list[str]:
                 found.append("getattr with a computed name")
         elif isinstance(node, ast.Attribute) and ATTRIBUTES.get(node.attr):
             found.append(f"uses .{node.attr} ({ATTRIBUTES[node.attr]})")
+        elif isinstance(node, ast.FunctionDef) and ATTRIBUTES.get(node.name, "").startswith("a tensor subclass"):
+            found.append(f"defines {node.name} ({ATTRIBUTES[node.name]})")
         elif isinstance(node, ast.Name) and node.id in ("__builtins__", "__loader__", "__spec__"):
             found.append(f"uses {node.id}")
         elif isinstance(node, ast.Constant) and isinstance(node.value, str):

@@ -1,11 +1,16 @@
-"""Verdicts that cannot be switched off from inside the kernel.
+"""Verdicts that cannot be switched off from inside the kernel, and feedback made from them.
 
 After nbgrader has graded a submission, its graded exercises are re-checked in a fresh
 sandboxed Python process (``verify_harness.py``): the set-up cell, the student's editable
-cells and the hidden tests taken from ``solutions/`` (never from the submission), with
-tampering detection. A test cell's final score is ``min(nbgrader's, the verifier's)``,
-written to the gradebook's ``auto_score`` only; each lowered score is recorded with its
-reason and shows in the feedback as a failed test.
+cells and the tests taken from ``solutions/`` (never from the submission), each hidden part in
+its own namespace, with tampering detection. A test cell's final score is ``min(nbgrader's,
+the verifier's)``, written to the gradebook's ``auto_score`` only; each lowered score is
+recorded with its reason.
+
+At the same time a second sandboxed process runs what the student's Validate button runs: the
+student's cells and the released (visible) tests, no hidden test in sight. Its failure messages
+are the only text of grading that reaches the student: the feedback (``feedback.py``) shows, per
+test cell, a fixed pass/fail line and that message, never output produced while hidden tests ran.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import nbformat
 from nbformat.v4 import new_output
 
 from autograde import sandbox
+from autograde.cells import split_test
 
 HARNESS = (Path(__file__).parent / "verify_harness.py").read_text()
 
@@ -37,13 +43,22 @@ class Verdicts:
     reasons: dict[str, str] = field(default_factory=dict)
 
 
+# What the feedback says of a failed test whose visible part passed (no student text in it).
+HIDDEN_FAILED = ("The visible test passes, but the hidden tests found a case your code gets wrong: "
+                 "check other shapes, seeds and edge cases, and what the statement says may be used.")
+NOT_CONFIRMED = "This test did not pass when your notebook was re-run in a clean process."
+# The verifier's reasons for a test that ran and failed (the others are tampering, crashes, hangs).
+GENUINE_FAILURES = ("a check failed", "the test raised", "the cell ran longer")
+
+
 def _meta(cell) -> dict:
     return cell.metadata.get("nbgrader", {})
 
 
-def job_cells(graded_nb, source_nb) -> tuple[str, list[dict]]:
-    """The set-up source and the cells to run: the student's editable code cells and the hidden
-    tests (from the source notebook), in the order of the graded notebook."""
+def job_cells(graded_nb, source_nb, mode: str = "verify") -> tuple[str, list[dict]]:
+    """The set-up source and the cells to run: the student's editable code cells and the test
+    cells (from the source notebook, split into their visible and hidden parts; in ``visible``
+    mode the hidden parts are left out), in the order of the graded notebook."""
     sources = {_meta(c)["grade_id"]: c.source for c in source_nb.cells if "grade_id" in _meta(c)}
     cells = []
     for cell in graded_nb.cells:
@@ -51,17 +66,17 @@ def job_cells(graded_nb, source_nb) -> tuple[str, list[dict]]:
             continue
         meta = _meta(cell)
         if meta.get("grade") and meta.get("grade_id") in sources:
-            cells.append({"kind": "test", "id": meta["grade_id"], "source": sources[meta["grade_id"]]})
+            visible, hidden = split_test(sources[meta["grade_id"]])
+            cells.append({"kind": "test", "id": meta["grade_id"], "visible": visible,
+                          "hidden": hidden if mode == "verify" else ""})
         elif meta.get("solution") or not meta:  # solution cells and cells the student added
             cells.append({"kind": "student", "id": meta.get("grade_id", ""), "source": cell.source})
     return sources.get("setup", ""), cells
 
 
-def run(graded_nb, source_nb, phase: str, timeout: float) -> Verdicts:
-    """Re-run the submission's graded cells in a fresh sandboxed process; return the verdicts."""
-    setup, cells = job_cells(graded_nb, source_nb)
-    tests = [c["id"] for c in cells if c["kind"] == "test"]
-    verdicts = Verdicts()
+def _start(graded_nb, source_nb, phase: str, timeout: float, mode: str):
+    """Start one sandboxed harness process on the submission; return what `_finish` needs."""
+    setup, cells = job_cells(graded_nb, source_nb, mode)
     nonce = secrets.token_hex(16)
     workdir = sandbox.private_workdir(phase)
     env = dict(os.environ, NBGRADER_EXECUTION="autograde", PYTHONWARNINGS="ignore", TQDM_DISABLE="1")
@@ -70,8 +85,19 @@ def run(graded_nb, source_nb, phase: str, timeout: float) -> Verdicts:
         process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                    stderr=subprocess.DEVNULL, cwd=workdir, env=env, start_new_session=True)
         process.stdin.write(json.dumps({"nonce": nonce, "timeout": int(timeout), "setup": setup,
-                                        "cells": cells}).encode())
+                                        "cells": cells, "mode": mode}).encode())
         process.stdin.close()
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    tests = [c["id"] for c in cells if c["kind"] == "test"]
+    return process, nonce, workdir, tests
+
+
+def _finish(started, timeout: float) -> Verdicts:
+    process, nonce, workdir, tests = started
+    verdicts = Verdicts()
+    try:
         _collect(process, nonce, timeout, verdicts)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -80,6 +106,31 @@ def run(graded_nb, source_nb, phase: str, timeout: float) -> Verdicts:
             verdicts.passed[gid] = False
             verdicts.reasons[gid] = "the re-run did not reach this test (the submission hung or crashed)"
     return verdicts
+
+
+def run(graded_nb, source_nb, phase: str, timeout: float, mode: str = "verify") -> Verdicts:
+    """Re-run the submission's graded cells in a fresh sandboxed process; return the verdicts
+    (``mode="visible"``: the visible tests only, with their failure messages as reasons)."""
+    return _finish(_start(graded_nb, source_nb, phase, timeout, mode), timeout)
+
+
+def run_both(graded_nb, source_nb, phase: str, timeout: float, expect_failures: bool = True
+             ) -> tuple[Verdicts, Verdicts]:
+    """The verifier's verdicts and the visible tests' messages. When failures are expected (nbgrader
+    failed a test) the two processes run side by side; otherwise the visible run is needed only if
+    the verifier fails a test, and is skipped when it does not."""
+    verify = _start(graded_nb, source_nb, phase, timeout, "verify")
+    if not expect_failures:
+        verdicts = _finish(verify, timeout)
+        if all(verdicts.passed.values()):
+            return verdicts, Verdicts(passed=dict(verdicts.passed))
+        return verdicts, run(graded_nb, source_nb, phase, timeout, "visible")
+    try:
+        visible = _start(graded_nb, source_nb, phase, timeout, "visible")
+    except BaseException:
+        _finish(verify, timeout)
+        raise
+    return _finish(verify, timeout), _finish(visible, timeout)
 
 
 def _collect(process, nonce: str, timeout: float, verdicts: Verdicts) -> None:
@@ -123,18 +174,33 @@ def _collect(process, nonce: str, timeout: float, verdicts: Verdicts) -> None:
 
 
 def apply(gradebook, graded_path: Path, source_nb, phase: str, notebook: str, student: str,
-          timeout: float) -> list[dict]:
+          timeout: float) -> tuple[list[dict], dict]:
     """Verify one autograded notebook; lower the gradebook's auto scores the verifier does not
-    confirm (manual scores untouched) and mark those cells failed in the autograded notebook,
-    which feedback is made from. Returns the overrides."""
+    confirm (manual scores untouched) and mark those cells failed in the autograded notebook.
+    Returns the overrides, and per test cell what the feedback may say: ``{"passed": bool,
+    "message": str}`` (the visible test's message, or a fixed line)."""
     graded_nb = nbformat.read(graded_path, as_version=4)
-    verdicts = run(graded_nb, source_nb, phase, timeout)
+    grades = {_meta(c)["grade_id"]: gradebook.find_grade(_meta(c)["grade_id"], notebook, phase, student)
+              for c in graded_nb.cells if _meta(c).get("grade") and c.cell_type == "code"}
+    failed_by_nbgrader = any(g.auto_score is None or g.auto_score < g.max_score for g in grades.values())
+    verdicts, visible = run_both(graded_nb, source_nb, phase, timeout, expect_failures=failed_by_nbgrader)
     overrides = []
+    feedback = {}
     for cell in graded_nb.cells:
         gid = _meta(cell).get("grade_id")
-        if gid not in verdicts.passed or verdicts.passed[gid]:
+        if gid not in verdicts.passed:
             continue
-        grade = gradebook.find_grade(gid, notebook, phase, student)
+        grade = grades[gid]
+        if verdicts.passed[gid] and grade.auto_score is not None and grade.auto_score >= grade.max_score:
+            feedback[gid] = {"passed": True, "message": ""}
+        elif visible.passed.get(gid) is False and visible.reasons.get(gid):
+            feedback[gid] = {"passed": False, "message": visible.reasons[gid]}
+        elif verdicts.passed[gid] or verdicts.reasons.get(gid, "").startswith(GENUINE_FAILURES):
+            feedback[gid] = {"passed": False, "message": HIDDEN_FAILED}
+        else:  # tampering, a crash or a hang: the verifier's own words stay in the instructor's record
+            feedback[gid] = {"passed": False, "message": NOT_CONFIRMED}
+        if verdicts.passed[gid]:
+            continue
         if grade.auto_score:
             reason = verdicts.reasons.get(gid, "failed")
             overrides.append({"cell": gid, "nbgrader": grade.auto_score, "final": 0.0, "reason": reason})
@@ -146,4 +212,4 @@ def apply(gradebook, graded_path: Path, source_nb, phase: str, notebook: str, st
         os.chmod(graded_path, 0o644)
         nbformat.write(graded_nb, graded_path)
         os.chmod(graded_path, 0o444)
-    return overrides
+    return overrides, feedback

@@ -1,11 +1,19 @@
 """Runs inside the verifier's sandboxed Python process (as ``python -I -c <this file's text>``).
 
-Reads the job (cells, nonce, timeout) from stdin, then runs the set-up cell, snapshots
-everything a verdict relies on, and runs the student's cells and the hidden tests in
-notebook order in one namespace, as nbgrader does. A test passes only if it raises
+Reads the job (cells, nonce, timeout, mode) from stdin, then runs the set-up cell, snapshots
+everything a verdict relies on, and runs the student's cells (transformed by IPython, so magics
+work as in JupyterLab) and the test cells in notebook order. A test cell's visible part runs in
+the notebook's namespace; its hidden part runs in a copy of it, where the student's functions
+return plain values (``utils.checks.plain``): nothing the hidden tests define is within the
+student's reach, and no returned object can lie about equality. A test passes only if it raises
 nothing and nothing it relies on was replaced, traced or reached through frames.
 Verdicts go to a private copy of stdout, each line prefixed with a nonce the student's
 code never sees through ordinary means (stdout itself goes to /dev/null).
+
+Mode ``verify`` reports pass/fail with reasons from a fixed vocabulary (never a string the
+submission controls). Mode ``visible`` runs the released notebook's visible tests only (no
+hidden test ever reaches that process) and reports each failure's message: that is the only
+text of a grading run that reaches the student's feedback.
 """
 
 
@@ -22,6 +30,7 @@ def _main():
     job = json.loads(sys.stdin.read())
     sys.stdin.close()
     nonce, timeout = job.pop("nonce"), job["timeout"]
+    visible_only = job.get("mode") == "visible"
     out = os.fdopen(os.dup(1), "w", buffering=1)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
@@ -30,6 +39,11 @@ def _main():
     _gettrace, _getprofile, _getframe = sys.gettrace, sys.getprofile, sys._getframe
     _alarm, _signal, _sigalrm = signal.alarm, signal.signal, signal.SIGALRM
     _BaseException, _Module = BaseException, types.ModuleType
+    _known_errors = {cls: cls.__name__ for cls in (
+        TypeError, ValueError, RuntimeError, IndexError, KeyError, AttributeError, NameError,
+        NotImplementedError, ZeroDivisionError, MemoryError, RecursionError, SyntaxError, ImportError,
+        ModuleNotFoundError, UnboundLocalError, OverflowError, StopIteration, KeyboardInterrupt,
+        SystemExit)}
     _dumps, _write = json.dumps, out.write
 
     def say(*parts):
@@ -41,6 +55,7 @@ def _main():
     stdlib = os.path.dirname(os.__file__) + os.sep
     hooked = [False]
     watched_events = ("sys._getframe", "sys._current_frames", "sys.settrace", "sys.setprofile",
+                      "sys.addaudithook", "open", "compile", "exec",
                       "gc.get_referrers", "gc.get_referents", "gc.get_objects", "ctypes.",
                       "_thread.start_new_thread", "object.__getattr__", "code.__new__",
                       "function.__new__", "cpython.")
@@ -51,18 +66,42 @@ def _main():
         # Reading a function's __code__ is harmless; reaching frames through tracebacks or generators is not.
         if event == "object.__getattr__" and not (len(args) > 1 and str(args[1]).endswith("_frame")):
             return
-        # A cell asking for its own frame (sys._getframe()) reaches nothing of the harness.
-        if event == "sys._getframe" and args and args[0].f_code.co_filename.startswith(("<student", "<test")):
+        # Files are the sandbox's business, except this process's own memory and state.
+        if event == "open" and not (args and str(args[0]).startswith("/proc")):
             return
+        # Code compiled under a real file's name could pass for the standard library below.
+        if event in ("compile", "exec"):
+            name = getattr(args[0], "co_filename", None) if event == "exec" else (args[1] if len(args) > 1 else None)
+            if not _isinstance(name, str) or name.startswith("<"):
+                return
+        # CPython removes a profile hook that raised: when the hook is a `checks.shortcuts_off`
+        # guard that caught a shortcut, that is the guard doing its job, not the student.
+        if event == "sys.setprofile" and guard_class:
+            owner = getattr(_getprofile(), "__self__", None)
+            if type(owner) is guard_class[0] and owner.caught:
+                return
         hooked[0] = True
         try:
             frame = _getframe(1)
+            if event == "sys._getframe":
+                # The standard library asks for its caller's frame to name things (namedtuple,
+                # warnings, logging): harmless. A student cell asking, or asking through inspect or
+                # traceback, can walk f_back into the harness.
+                caller = frame.f_code.co_filename
+                if caller.startswith("<student"):
+                    suspicious.append(event)
+                    raise PermissionError(f"{event} is not available while grading")
+                if not (caller.startswith(stdlib) and
+                        frame.f_globals.get("__name__", "") in ("inspect", "traceback")):
+                    return
             # The first caller outside the standard library (inspect, ctypes, threading wrap these
             # calls): a student cell calling them directly is suspicious, torch calling them is not.
             while frame is not None and frame.f_code.co_filename.startswith(stdlib):
                 frame = frame.f_back
             if frame is not None and frame.f_code.co_filename.startswith("<student"):
                 suspicious.append(event)
+                # Refused, not only noted: a frame or a raw pointer would reach the verdicts.
+                raise PermissionError(f"{event} is not available while grading")
         finally:
             hooked[0] = False
 
@@ -78,6 +117,15 @@ def _main():
         ns["display"] = display
     except ImportError:
         pass
+    shell = []
+
+    def get_ipython():
+        """Magics (`%time`, `!ls`) run as in JupyterLab, in the notebook's namespace."""
+        if not shell:
+            from IPython.core.interactiveshell import InteractiveShell
+            shell.append(InteractiveShell.instance(user_ns=ns))
+        return shell[0]
+    ns["get_ipython"] = get_ipython
     try:
         _exec(_compile(job["setup"], "<setup>", "exec"), ns)
     except _BaseException as error:  # the instructor's cell: nothing can pass without it
@@ -90,6 +138,29 @@ def _main():
         import torch._dynamo  # noqa: F401
     except ImportError:
         pass
+    guard_class = []
+    try:
+        from utils.checks import _Guard
+        guard_class.append(_Guard)
+    except ImportError:
+        pass
+    try:
+        from utils.checks import plain_results
+    except ImportError:
+        def plain_results(function):
+            return function
+    from IPython.core.inputtransformer2 import TransformerManager
+    _as_python = TransformerManager().transform_cell
+    _FunctionType = types.FunctionType
+
+    def hidden_namespace():
+        """A copy of the notebook's namespace for one cell's hidden tests: what they define stays
+        there, and the student's functions hand back plain values."""
+        copy = dict(ns)
+        for name, value in ns.items():
+            if _isinstance(value, _FunctionType) and value.__code__.co_filename.startswith("<student"):
+                copy[name] = plain_results(value)
+        return copy
 
     # What the verdicts rely on: modules' dictionaries, builtins, core classes, the names
     # the set-up cell bound to modules.
@@ -116,14 +187,14 @@ def _main():
     bound = {name: value for name, value in ns.items() if _isinstance(value, _Module)}
     missing = object()
 
-    def tampering():
+    def tampering(test_ns):
         if suspicious:
             return f"the submission reached into the interpreter ({suspicious[0]})"
         if _gettrace() is not None or _getprofile() is not None or threading._trace_hook \
                 or threading._profile_hook:
             return "a trace or profile function is installed"
         for name, value in bound.items():
-            if ns.get(name, missing) is not value:
+            if ns.get(name, missing) is not value or test_ns.get(name, missing) is not value:
                 return f"the name `{name}` was rebound"
         for name, before in snapshot.items():
             now = watched[name]
@@ -134,29 +205,65 @@ def _main():
 
     sys.addaudithook(audit)
     _signal(_sigalrm, on_alarm)
-    voided = None
-    for index, cell in enumerate(job["cells"]):
-        say("cell", index)
-        is_test = cell["kind"] == "test"
-        name = f"<test {cell['id']}>" if is_test else f"<student cell {index}>"
-        error = None
+    def run(source, name, namespace):
+        """Run one piece of a cell; return the exception it raised, or None."""
         try:
-            code = _compile(cell["source"], name, "exec")
+            code = _compile(source, name, "exec")
             _alarm(timeout)
             try:
-                _exec(code, ns)
+                _exec(code, namespace)
             finally:
                 _alarm(0)
         except _BaseException as caught:  # student errors continue, like nbgrader's cells
-            error = f"{type(caught).__name__}"
-        if is_test:
-            voided = voided or tampering()
-            if voided:
-                say("test", cell["id"], "fail", voided)
-            elif error:
-                say("test", cell["id"], "fail", error)
-            else:
-                say("test", cell["id"], "pass", "")
+            return caught
+        return None
+
+    def reason(error):
+        """Why a test failed, in words the submission cannot choose."""
+        if _isinstance(error, CellTimeout):
+            return f"the cell ran longer than {timeout} s"
+        if _isinstance(error, AssertionError):
+            return "a check failed"
+        known = _known_errors.get(type(error))
+        return f"the test raised {known}" if known else "the test raised an error"
+
+    def message(error):
+        """The visible test's own message (visible mode: no hidden test exists in this process)."""
+        try:
+            _alarm(5)
+            try:
+                text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+            finally:
+                _alarm(0)
+        except _BaseException:
+            text = "the test raised an error"
+        return text if len(text) <= 1500 else text[:1500] + " [...]"
+
+    voided = None
+    for index, cell in enumerate(job["cells"]):
+        say("cell", index)
+        if cell["kind"] != "test":
+            source = cell["source"]
+            try:
+                source = _as_python(source)
+            except _BaseException:
+                pass
+            run(source, f"<student cell {index}>", ns)
+            continue
+        error = run(cell["visible"], f"<test {cell['id']}>", ns)
+        if visible_only:
+            say("test", cell["id"], "fail" if error else "pass", message(error) if error else "")
+            continue
+        test_ns = hidden_namespace()
+        if error is None and cell.get("hidden"):
+            error = run(cell["hidden"], f"<test {cell['id']} hidden>", test_ns)
+        voided = voided or tampering(test_ns)
+        if voided:
+            say("test", cell["id"], "fail", voided)
+        elif error is not None:
+            say("test", cell["id"], "fail", reason(error))
+        else:
+            say("test", cell["id"], "pass", "")
     say("done")
 
 

@@ -7,7 +7,9 @@ starting a kernel. Conventions it relies on (every phase follows them):
 * the notebook's set-up cell has nbgrader ``grade_id`` ``setup``;
 * an exercise ``exN`` has one solution cell ``exN_solution`` and one or more
   graded test cells whose ``grade_id`` starts with ``exN_test``;
-* a test cell needs only the set-up cell and its exercise's solution cell.
+* a test cell needs only the set-up cell and its exercise's solution cell;
+* as under the verifier (autograde/verify_harness.py), a test cell's hidden part runs in a copy of
+  the namespace, so what it defines never reaches the student's code.
 """
 
 from __future__ import annotations
@@ -16,10 +18,14 @@ import contextlib
 import io
 import re
 import traceback
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import nbformat
+
+from autograde.cells import split_test
+from utils.checks import plain_results
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,13 +101,25 @@ class SourceNotebook:
             points = float(self.cells[gid].metadata["nbgrader"]["points"])
             outcome.possible[gid] = points
             try:
+                visible, hidden = split_test(self.cells[gid].source)
                 with contextlib.redirect_stdout(sink):
-                    exec(compile(self.cells[gid].source, gid, "exec"), namespace)
+                    exec(compile(visible, gid, "exec"), namespace)
+                    exec(compile(hidden, f"{gid} (hidden)", "exec"), self._hidden_namespace(namespace))
                 outcome.earned[gid] = points
             except Exception:  # a failing test cell, as nbgrader would see it
                 outcome.earned[gid] = 0.0
                 outcome.errors[gid] = traceback.format_exc(limit=-3)
         return outcome
+
+    @staticmethod
+    def _hidden_namespace(namespace: dict) -> dict:
+        """What a test cell's hidden part sees, as under the verifier: a copy of the namespace in which
+        the solution cell's functions hand back plain values."""
+        copy = dict(namespace)
+        for name, value in namespace.items():
+            if isinstance(value, types.FunctionType) and value.__code__.co_filename.endswith("_solution"):
+                copy[name] = plain_results(value)
+        return copy
 
     def assert_full_marks(self, exercise: str, source: str) -> None:
         """``source`` (a correct solution written another way) must earn every point."""

@@ -30,12 +30,102 @@ def with_ex1(prefix: str, solve=False):
     return submission(replace={"ex1": prefix + ("\n" + EX1 if solve else "\n" + WRONG_EX1)})
 
 
+def honest_magics():
+    nb = submission(replace={
+        "ex1": "%%time\n" + EX1,
+        "ex2": "%time _warm_up = 1 + 1\nprint('ex2: softmax, then attention')\n" + SOURCE.solution_source("ex2"),
+    })
+    extra = nbformat.v4.new_code_cell("# my own scratch cell\nscratch = [n * n for n in range(5)]\nscratch")
+    nb.cells.insert(len(nb.cells) // 2, extra)
+    return nb
+
+
 def stripped():
     nb = submission()
     for cell in nb.cells:
         cell.metadata.pop("nbgrader", None)
     return nb
 
+
+# A different cheat for each grader: an input transformer for nbgrader's kernel, and for the
+# verifier a walk up the frames to its verdict writer.
+FORGE_VERDICTS = """
+try:
+    get_ipython().input_transformers_cleanup.append(lambda lines: ['pass\\n'])
+except Exception:
+    pass
+try:
+    import sys
+    _frame = sys._getframe(0)
+    while _frame is not None:
+        _say = _frame.f_locals.get("say")
+        if callable(_say):
+            for _gid in {gids!r}:
+                _say("test", _gid, "pass", "")
+            _say("done")
+        _frame = _frame.f_back
+except Exception:
+    pass
+"""
+
+# Outputs that answer every comparison with "equal".
+LYING_TENSORS = """
+class _Liar(torch.Tensor):
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in ("allclose", "equal", "isclose", "eq", "__eq__"):
+            return True
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+_forward = AdditiveAttention.forward
+def _lying_forward(self, *args, **kwargs):
+    context, weights = _forward(self, *args, **kwargs)
+    return context.as_subclass(_Liar), weights.as_subclass(_Liar)
+AdditiveAttention.forward = _lying_forward
+"""
+
+# The hidden tests' own reference, called by name once a hidden test has defined it.
+BORROWS_REFERENCE = """
+_wrong_forward = AdditiveAttention.forward
+def _borrowing_forward(self, query, keys, mask=None):
+    reference = globals().get("_additive_reference") or globals().get("_masked_reference")
+    if reference is not None:
+        return reference(self, query, keys, mask) if mask is not None else reference(self, query, keys)
+    return _wrong_forward(self, query, keys, mask)
+AdditiveAttention.forward = _borrowing_forward
+"""
+
+# The forbidden built-in softmax, with PyTorch's dispatch modes (the checks) switched off.
+ESCAPES_DISPATCH = """
+from torch.utils._python_dispatch import _disable_current_modes
+def stable_softmax(x, dim=-1):
+    with _disable_current_modes():
+        return torch.softmax(x, dim)
+"""
+
+USES_BUILTIN = """
+def stable_softmax(x, dim=-1):
+    return torch.softmax(x, dim)
+"""
+
+# Text of the running cell (hidden tests included, in nbgrader's kernel) printed and carried in
+# an error message and in an exception's class name.
+LEAKS_CELL = """
+def _cell_text():
+    try:
+        return get_ipython().user_ns["In"][-1]
+    except Exception:
+        return ""
+
+_wrong = AdditiveAttention.forward
+def _leaking_forward(self, *args, **kwargs):
+    text = _cell_text()
+    print(text)
+    if "HIDDEN" in text or "_reference" in text:
+        raise type(text[:3000], (Exception,), {})(text)
+    return _wrong(self, *args, **kwargs)
+AdditiveAttention.forward = _leaking_forward
+"""
 
 READ_SECRETS = """
 import glob
@@ -85,6 +175,21 @@ def attacks(root):
                                "            import time; time.sleep(30); os._exit(0)\n    except OSError:\n"
                                "        break", solve=True), full, True, True),
         "utils_beside": (with_ex1(""), lose1, False, False),
+        "forges_verdicts": (with_ex1(FORGE_VERDICTS.format(gids=[g for e in SOURCE.exercises() for g in SOURCE.tests_of(e)])),
+                            lose1, True, False),
+        "lying_tensors": (submission(replace={"ex1": WRONG_EX1 + LYING_TENSORS}), lose1, True, False),
+        "borrows_reference": (submission(replace={"ex1": WRONG_EX1 + BORROWS_REFERENCE}), lose1, True, False),
+        "escapes_dispatch": (submission(replace={"ex2": SOURCE.solution_source("ex2") + ESCAPES_DISPATCH}),
+                             full - points("ex2"), True, False),
+        "leaks_cell": (submission(replace={"ex1": WRONG_EX1 + LEAKS_CELL}), lose1, True, False),
+        # Honest work that calls a switched-off built-in loses that exercise only, never the later ones.
+        "forbidden_builtin": (submission(replace={"ex2": SOURCE.solution_source("ex2") + USES_BUILTIN}),
+                              full - points("ex2"), False, False),
+        # Honest work written as people write it in JupyterLab: magics, prints, an extra cell.
+        "honest_magics": (honest_magics(), full, False, False),
+        # The hidden-test marker typed into an answer must not break that student's feedback.
+        "marker_in_answer": (submission(replace={"ex3": "# ### BEGIN HIDDEN TESTS (a note to myself)\n"
+                                                        + SOURCE.solution_source("ex3")}), full, False, False),
         "deleted_test": (submission(delete={SOURCE.tests_of("ex3")[0]}), full, False, False),
         "stripped_metadata": (stripped(), full, False, False),
     }
@@ -140,7 +245,8 @@ def test_batch_reports_what_it_could_not_grade(batch):
     assert any((root / "autograde" / "backups").glob("gradebook-*.db"))
 
 
-@pytest.mark.parametrize("student", ["honest_full", "honest_partial", "deleted_test", "stripped_metadata"])
+@pytest.mark.parametrize("student", ["honest_full", "honest_partial", "honest_magics", "forbidden_builtin",
+                                     "marker_in_answer", "deleted_test", "stripped_metadata"])
 def test_honest_work_gets_exactly_its_marks(batch, student):
     root, cases, *_ = batch
     assert total(root, student) == cases[student][1], record(root, student)
@@ -158,7 +264,7 @@ def test_attacks_are_flagged_and_honest_work_is_not(batch):
     root, cases, *_ = batch
     missed = [name for name, (_, _, flagged, _) in cases.items() if flagged and not record(root, name)["flags"]]
     assert not missed, f"not flagged: {missed}"
-    for name in ("honest_full", "honest_partial"):
+    for name in ("honest_full", "honest_partial", "honest_magics"):
         assert not record(root, name)["flags"], record(root, name)["flags"]
 
 
@@ -184,6 +290,27 @@ def test_verifier_overrides_show_as_failures_in_feedback(batch):
     root, *_ = batch
     assert record(root, "monkeypatch")["overrides"] and record(root, "transformer")["overrides"]
     assert "This test did not pass" in feedback_text(root, "transformer")
+
+
+def test_forged_verdicts_and_borrowed_references_are_overridden(batch):
+    """nbgrader's kernel is fooled by these; the verifier, whose hidden tests run apart, is not."""
+    root, *_ = batch
+    for student in ("forges_verdicts", "borrows_reference"):
+        assert record(root, student)["overrides"] or total(root, student) <= TOTAL - points("ex1"), record(root, student)
+
+
+def test_feedback_is_written_for_every_graded_submission(batch):
+    root, cases, *_ = batch
+    for student in ("honest_full", "honest_magics", "marker_in_answer", "leaks_cell", "forges_verdicts"):
+        assert "Passed" in feedback_text(root, student) or "did not pass" in feedback_text(root, student)
+
+
+def test_feedback_holds_nothing_printed_or_raised_during_grading(batch):
+    root, *_ = batch
+    text = feedback_text(root, "leaks_cell")
+    assert "BEGIN HIDDEN TESTS" not in text and "_additive_reference" not in text
+    # The visible test's own message still reaches the student.
+    assert "This test did not pass" in text
 
 
 @needs_bwrap

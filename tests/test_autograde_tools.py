@@ -6,7 +6,8 @@ import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
 from autograde import layout, notebooks
-from autograde.feedback import HideHiddenTests
+from autograde.cells import as_python, split_test
+from autograde.feedback import FeedbackFromVerdicts
 from autograde.cli import main
 
 
@@ -17,17 +18,25 @@ def grade_cell(source, outputs=()):
     return cell
 
 
-def test_feedback_removes_hidden_tests_and_tracebacks():
-    error = new_output("error", ename="AssertionError", evalue="weights do not sum to 1",
-                       traceback=["Traceback ...", "assert secret_reference(x)"])
-    cell = grade_cell("check(x)\n### BEGIN HIDDEN TESTS\nassert secret_reference(x)\n### END HIDDEN TESTS",
-                      [new_output("stream", name="stdout", text="visible message\n"), error])
-    nb = new_notebook(cells=[new_markdown_cell("intro"), cell])
-    nb, _ = HideHiddenTests().preprocess(nb, {})
-    text = nbformat.writes(nb)
-    assert "secret_reference" not in text and "Traceback" not in text
-    assert "visible message" in text
-    assert "This test did not pass. AssertionError: weights do not sum to 1" in text
+def test_test_cells_split_into_visible_and_hidden_parts():
+    visible, hidden = split_test("check(x)\n### BEGIN HIDDEN TESTS\nassert secret_reference(x)\n"
+                                 "### END HIDDEN TESTS\nafter()\n")
+    assert visible == "check(x)\n" and "secret_reference" in hidden and "after()" in hidden
+    assert split_test("check(x)\n") == ("check(x)\n", "")
+
+
+def test_student_cells_are_read_as_ipython_reads_them():
+    code = as_python("%time y = f(x)\n!ls\nx = 1\n")
+    assert "get_ipython().run_line_magic('time', 'y = f(x)')" in code and "x = 1" in code
+    compile(code, "cell", "exec")
+    assert as_python("def broken(:\n") == "def broken(:\n", "what IPython cannot read stays as it was"
+
+
+def test_feedback_lines_carry_scores_and_the_visible_message_only():
+    passed = FeedbackFromVerdicts._line(3.0, 3.0, "ignored").text
+    assert "Passed (3 of 3 points)" in passed and "ignored" not in passed
+    failed = FeedbackFromVerdicts._line(0.0, 3.0, "AssertionError: weights do not sum to 1").text
+    assert "This test did not pass" in failed and "weights do not sum to 1" in failed
 
 
 def test_notebook_cleaning_strips_outputs_and_volatile_metadata(tmp_path):
