@@ -22,7 +22,7 @@ from pathlib import Path
 import nbformat
 from nbgrader.api import Gradebook, MissingEntry
 
-from autograde import layout, repair, sandbox, suspicion, verify
+from autograde import layout, manual, repair, sandbox, suspicion, verify
 
 RECORDS = layout.STATE / "records"
 BACKUPS = layout.STATE / "backups"
@@ -81,6 +81,8 @@ def grade_one(phase: str, student: str, timeout: int, memory_gb: float) -> dict:
             _verify(record, phase, student, notebooks, timeout)
     record["seconds"] = round(time.monotonic() - started, 1)
     record.update(_scores(phase, student))
+    # Written answers are left to people (Formgrader, or `python -m autograde score`).
+    record["written_ungraded"] = manual.ungraded(phase, student)
     path = record_path(phase, student)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1))
@@ -107,8 +109,10 @@ def _verify(record: dict, phase: str, student: str, notebooks: list[Path], timeo
             if not source_path.exists() or not graded_path.exists():
                 continue
             source = nbformat.read(source_path, as_version=4)
-            overrides = verify.apply(gradebook, graded_path, source, phase, path.stem, student, timeout)
+            overrides, feedback = verify.apply(gradebook, graded_path, source, phase, path.stem, student, timeout)
             record["overrides"] += [dict(o, notebook=path.name) for o in overrides]
+            # What the student's feedback may say per test cell (autograde/feedback.py reads it).
+            record.setdefault("feedback", {})[path.name] = feedback
 
 
 def _scores(phase: str, student: str) -> dict:
@@ -177,6 +181,10 @@ def summary(records: list[dict]) -> str:
     lines.append(f"{len(records)} submission(s): {count['graded']} graded, {count['failed']} failed, "
                  f"{count['invalid']} invalid, {flagged} flagged for review, "
                  f"{sum(bool(r['overrides']) for r in records)} with scores lowered by the verifier")
+    written = sum(r.get("written_ungraded") or 0 for r in records)
+    if written:
+        lines.append(f"{written} written answer(s) await manual grading: Formgrader, or "
+                     "`python -m autograde score PHASE STUDENT CELL POINTS`")
     level = sandbox.level()
     lines.append(f"sandbox: {level}" + (f" (WARNING: {sandbox.warning()})" if sandbox.warning() else ""))
     return "\n".join(lines)

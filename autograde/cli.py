@@ -2,8 +2,9 @@
 
 Each command is a thin layer over nbgrader's own; what nbgrader lacks is added
 here: regenerating every phase, collecting from a plain folder, sandboxed and
-verified parallel grading (``batch.py``), and a validate that fails with a
-non-zero exit code.
+verified parallel grading (``batch.py``), manual scores for written answers
+from the command line with bounds checked (``manual.py``), and a validate that
+fails with a non-zero exit code.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from autograde import batch, layout, notebooks
+from autograde import batch, layout, manual, notebooks
 
 
 def nbgrader(*args: str, env: dict | None = None, log=None) -> int:
@@ -129,7 +130,19 @@ def export(args) -> int:
     code = nbgrader("export", f"--to={target}")
     if not code:
         batch.annotate_export(target)
+        # auto_points / manual_points / written_ungraded: what the tests gave, what people gave, what is left.
+        manual.annotate_export(target)
     return code
+
+
+def score(args) -> int:
+    """Give a written answer (or any graded cell) a manual score, as Formgrader does; bounds checked."""
+    try:
+        print(manual.set_score(args.phase, args.student, args.cell, args.points, args.comment, args.notebook))
+    except manual.ScoreRefused as refusal:
+        print(f"refused: {refusal}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def validate(args) -> int:
@@ -185,6 +198,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="submissions graded at once (default: one per core)")
     command(feedback).add_argument("--phase", action="append")
     command(export).add_argument("--to", default=str(layout.STATE / "grades.csv"))
+    p = command(score)
+    p.add_argument("phase")
+    p.add_argument("student")
+    p.add_argument("cell", help="the answer cell's grade_id, e.g. written_post_ln")
+    p.add_argument("points", type=float, help="between 0 and the cell's points")
+    p.add_argument("--comment", help="shown to the student in the feedback")
+    p.add_argument("--notebook", help="the notebook's name without .ipynb (when the phase has several)")
     command(validate).add_argument("notebooks", nargs="+")
 
     args = parser.parse_args(argv)

@@ -36,6 +36,9 @@ class Lab:
     root_dir: Path  # the folder the server serves: notebooks are opened relative to it
     log: Path
 
+    def lab_url(self) -> str:
+        return f"{self.url}lab?reset&token={self.token}"
+
     def notebook_url(self, relative_path: str) -> str:
         # `reset` drops the workspace JupyterLab would restore (the tabs of a previous page).
         return f"{self.url}lab/tree/{relative_path}?reset&token={self.token}"
@@ -51,11 +54,12 @@ def _server_info(runtime_dir: Path, pid: int) -> dict | None:
 
 
 @contextlib.contextmanager
-def running_jupyterlab(root_dir: Path, state_dir: Path, start_timeout: float = 120):
+def running_jupyterlab(root_dir: Path, state_dir: Path, start_timeout: float = 120, cwd: Path = ROOT):
     """Start ``jupyter lab`` serving ``root_dir``; yield a :class:`Lab`; stop it and its kernels.
 
-    The server runs from the repository root because nbgrader (the Validate button) reads
-    ``nbgrader_config.py`` from the server's working folder.
+    The server runs from ``cwd``, the repository root unless told otherwise, because nbgrader (the
+    Validate button, Formgrader) reads ``nbgrader_config.py`` from the server's working folder:
+    Formgrader on a temporary course runs from that course's root, which must be inside ``root_dir``.
     """
     dirs = {name: state_dir / name for name in ("config", "data", "runtime", "workspaces",
                                                 "settings", "ipython")}
@@ -89,7 +93,7 @@ def running_jupyterlab(root_dir: Path, state_dir: Path, start_timeout: float = 1
     log = state_dir / "jupyterlab.log"
     with open(log, "wb") as log_file:
         # Its own session, so that the whole process group can be stopped at the end.
-        server = subprocess.Popen(command, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+        server = subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                                   stdout=log_file, stderr=subprocess.STDOUT,
                                   start_new_session=True)
     try:

@@ -70,10 +70,8 @@ def _noisy(function):
             pass
         return function(*args, **kwargs)
     return noisy
-_this_cell = sys._getframe().f_code.co_filename
-for _name, _value in list(globals().items()):
-    if callable(_value) and getattr(getattr(_value, "__code__", None), "co_filename", None) == _this_cell:
-        globals()[_name] = _noisy(_value)
+for _name in ("causal_mask", "padding_mask", "attention_mask"):
+    globals()[_name] = _noisy(globals()[_name])
 """
 HONEST_WITH_NOISE = submission(replace={"ex3": SOURCE.solution_source("ex3") + NOISE})
 
@@ -204,7 +202,8 @@ def test_export_lists_every_student(graded):
         rows = list(csv.DictReader(f))
     assert sorted(r["student_id"] for r in rows) == sorted(STUDENTS)
     alice = next(r for r in rows if r["student_id"] == "alice")
-    assert float(alice["score"]) == float(alice["max_score"]) == TOTAL
+    # Written answers are graded by people later: the test cells' points are the autograder's.
+    assert float(alice["auto_points"]) == float(alice["auto_max"]) == TOTAL
 
 
 def test_validate_exits_nonzero_on_failures_and_zero_on_success(graded):

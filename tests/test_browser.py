@@ -3,7 +3,9 @@
 Executing a notebook with nbclient proves the code runs, not that the student sees anything:
 a missing lab extension leaves a plotly figure or a widget silently blank. Here JupyterLab runs
 the Phase 1 notebook in Chromium, and the test looks at the page: sliders, plotly figures and
-tqdm bars drawn, no error output; then nbgrader's Validate button on a released notebook.
+tqdm bars drawn, no error output; then nbgrader's Validate button on a released notebook. Last, the
+instructor's side: Formgrader on an autograded submission of a miniature course, a written answer
+scored and commented, feedback generated, and the score in the export.
 
 Needs the `playwright` package (a project dependency) and a Chromium build on the machine
 (`apt-get install chromium`; Playwright's own browser download needs internet). Without either,
@@ -13,7 +15,9 @@ the tests skip. Screenshots go to pytest's temporary folder and to tests/artifac
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import time
 from pathlib import Path
 
 import nbformat
@@ -199,3 +203,104 @@ def test_validate_button_names_the_failing_exercises(browser, lab, screenshot):
 
 def _normalise(source: str) -> str:
     return "\n".join(line.strip() for line in source.splitlines() if line.strip())
+
+
+# ---------------------------------------------------------------------------------------------
+# The instructor's side: a written answer graded by hand in Formgrader (nbgrader's lab extension).
+
+FORMGRADER_FRAME = "#formgrader-iframe iframe"
+
+
+@pytest.fixture(scope="module")
+def graded_course(browser, tmp_path_factory):
+    """A temporary course (tests/test_manual_grading.py's miniature phase) with one collected and
+    autograded submission whose written answer awaits a person."""
+    from test_manual_grading import NOTEBOOK, PHASE, build_course, instructor, submissions
+
+    root = tmp_path_factory.mktemp("formgrader") / "course"
+    build_course(root)
+    release = nbformat.read(root / "course" / PHASE / f"{NOTEBOOK}.ipynb", as_version=4)
+    inbox = root.parent / "inbox"
+    (inbox / "ann").mkdir(parents=True)
+    nbformat.write(submissions(release)["ann"], inbox / "ann" / f"{NOTEBOOK}.ipynb")
+    for step in (["collect", str(inbox), "--phase", PHASE], ["autograde"]):
+        result = instructor(root, *step)
+        assert result.returncode == 0, result.stdout + result.stderr
+    return root
+
+
+def _wait_for_grade(root, student, expected, seconds=60):
+    """The written answer's gradebook entry once it equals ``expected`` (Formgrader saves by ajax)."""
+    from test_manual_grading import written_grade
+
+    deadline = time.monotonic() + seconds
+    while True:
+        grade = written_grade(root, student)
+        if all(grade[k] == v for k, v in expected.items()) or time.monotonic() > deadline:
+            return grade
+        time.sleep(0.2)  # polling the gradebook for the saved value, not waiting a fixed time
+
+
+def test_formgrader_grades_a_written_answer_into_feedback_and_export(browser, graded_course, tmp_path_factory,
+                                                                     screenshot):
+    from test_manual_grading import (ANN_ANSWER, COMMENT, MODEL_ANSWER, NOTEBOOK, PHASE, RUBRIC, WRITTEN,
+                                     export, feedback_text)
+
+    root = graded_course
+    started = time.monotonic()
+    with running_jupyterlab(root, tmp_path_factory.mktemp("jupyter-formgrader"), cwd=root) as lab:
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(RENDER_TIMEOUT_MS)
+        try:
+            page.goto(lab.lab_url())
+            page.wait_for_function("() => window.jupyterapp && window.jupyterapp.commands"
+                                   ".hasCommand('nbgrader:open-formgrader')", timeout=RUN_TIMEOUT_MS)
+            # The menu's Nbgrader > Formgrader, as the instructor opens it.
+            page.evaluate("() => window.jupyterapp.commands.execute('nbgrader:open-formgrader')")
+            frame = page.frame_locator(FORMGRADER_FRAME)
+            frame.get_by_role("link", name="Manual Grading").click()
+            frame.get_by_role("link", name=PHASE, exact=True).click()
+            frame.get_by_role("link", name=NOTEBOOK, exact=True).click()
+            frame.get_by_role("link", name="Submission #1").click()
+            score = frame.locator(f"input.score#{WRITTEN}")
+            score.wait_for()
+            frame.get_by_text(ANN_ANSWER).wait_for()  # the student's answer, to read before scoring
+
+            # Formgrader's own answer to a bad score: it flashes the box and saves the bound instead.
+            score.fill("99")
+            score.press("Tab")
+            assert _wait_for_grade(root, "ann", {"manual": 2.0})["manual"] == 2.0, "99 was not clamped to 2"
+            score.fill("-1")
+            score.press("Tab")
+            assert _wait_for_grade(root, "ann", {"manual": 0.0})["manual"] == 0.0, "-1 was not clamped to 0"
+
+            score.fill("1.5")
+            score.press("Tab")
+            comment = frame.locator(f"textarea#{WRITTEN}-comment")
+            comment.fill(COMMENT)
+            comment.press("Tab")
+            grade = _wait_for_grade(root, "ann", {"manual": 1.5, "comment": COMMENT})
+            assert (grade["manual"], grade["comment"], grade["needs_manual_grade"]) == (1.5, COMMENT, False), grade
+            comment.scroll_into_view_if_needed()
+            screenshot(page, "formgrader")
+
+            # Generate feedback from Formgrader's Manage Assignments page.
+            frame.get_by_role("link", name="Manual Grading").click()  # the breadcrumb, back to the menu
+            frame.get_by_role("link", name="Manage Assignments").click()
+            frame.locator("tr", has_text=PHASE).locator(".generate-feedback a").click()
+            frame.get_by_text(f"Successfully generated feedback of '{PHASE}'").wait_for(timeout=RUN_TIMEOUT_MS)
+
+            feedback = root / "autograde" / "feedback" / "ann" / PHASE / f"{NOTEBOOK}.html"
+            text = feedback_text(root, "ann")
+            assert COMMENT in text and ANN_ANSWER in text, "the grader's comment is not in the feedback"
+            assert re.search(r"1\.5\s*/\s*2", text), "the manual score is not in the feedback"
+            assert MODEL_ANSWER not in text and RUBRIC not in text and "Rubric" not in text
+            page.goto(feedback.as_uri())
+            page.get_by_text(COMMENT).scroll_into_view_if_needed()
+            screenshot(page, "feedback")
+        finally:
+            page.close()
+    seconds = time.monotonic() - started
+    row = export(root, "grades.csv")["ann"]
+    assert (row["manual_points"], row["written_ungraded"]) == ("1.5", "0"), row
+    print(f"formgrader flow (server start to feedback): {seconds:.0f} s")

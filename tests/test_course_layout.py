@@ -59,10 +59,44 @@ def graded_cells():
                 yield pytest.param(path, cell, id=f"{rel(path)}:{meta['grade_id']}")
 
 
+# A written answer: a manually graded markdown cell whose whole source is one solution region that
+# holds the model answer and the rubric, so nbgrader releases only its placeholder.
+WRITTEN_ANSWER = re.compile(
+    r"\A### BEGIN SOLUTION\n\*\*Model answer\.\*\*(\s+\S.*?)\n\n"
+    r"\*\*Rubric \((\d+) points?\)\.\*\*(\s+\S.*)\n### END SOLUTION\Z", re.S)
+NBGRADER_ANSWER_PLACEHOLDER = "YOUR ANSWER HERE"
+
+
+def test_written_answer_pattern_is_what_the_readme_describes():
+    """The pattern accepts the README's form and refuses the usual slips."""
+    good = ("### BEGIN SOLUTION\n**Model answer.** Post-LN trains faster here because...\n\n"
+            "**Rubric (2 points).** 1 point: names the residual path; 1 point: the measured gap.\n"
+            "### END SOLUTION")
+    assert WRITTEN_ANSWER.match(good)
+    assert not WRITTEN_ANSWER.match(good.replace("**Rubric", "Rubric"))              # rubric unmarked
+    assert not WRITTEN_ANSWER.match(good.replace("**Model answer.**", "**Answer.**"))  # no model answer
+    assert not WRITTEN_ANSWER.match("Intro\n" + good)                                 # text outside the region
+    assert not WRITTEN_ANSWER.match(good + "\nafter")
+    assert not WRITTEN_ANSWER.match(good.replace("(2 points)", "(two points)"))       # points not a number
+
+
 @pytest.mark.parametrize("path,cell", list(graded_cells()))
 def test_grade_cells_avoid_nbgraders_traps(path, cell):
     meta = cell.metadata["nbgrader"]
-    assert cell.cell_type == "code", "graded markdown is graded by hand; this course autogrades"
+    if cell.cell_type == "markdown":
+        # Graded by hand in Formgrader; the autograder leaves it to people.
+        assert meta["grade_id"].startswith("written_"), "a written answer's grade_id is written_<topic>"
+        assert meta.get("solution") is True, "a written answer is a solution cell, or students cannot answer"
+        assert not meta.get("locked"), "a locked answer cell cannot be written in"
+        assert isinstance(meta.get("points"), int) and meta["points"] > 0
+        match = WRITTEN_ANSWER.match(cell.source)
+        assert cell.source.count("### BEGIN SOLUTION") == cell.source.count("### END SOLUTION") == 1
+        assert match, (f"{meta['grade_id']}: the source must be exactly one solution region holding "
+                       "'**Model answer.** ...' then '**Rubric (N points).** ...' (README, For maintainers)")
+        assert int(match.group(2)) == meta["points"], (
+            f"{meta['grade_id']}: the rubric says {match.group(2)} points, the cell is worth {meta['points']}")
+        return
+    assert cell.cell_type == "code", f"a {cell.cell_type} cell cannot be graded"
     assert meta.get("locked"), "a test cell must be locked, or students can edit it"
     assert isinstance(meta.get("points"), int) and meta["points"] > 0
     assert "raises-exception" not in cell.metadata.get("tags", []), "a failing test would pass"
@@ -88,6 +122,37 @@ def test_every_exercise_has_a_solution_and_tests(path):
         solution = next(c for c in nb.cells if c.metadata.get("nbgrader", {}).get("grade_id") == f"{exercise}_solution")
         assert "### BEGIN SOLUTION" in solution.source and "### END SOLUTION" in solution.source
         assert any(i.startswith(f"{exercise}_test") for i in ids), f"{exercise} has no test cell"
+
+
+def written_answer_cells():
+    for path in SOURCE_NOTEBOOKS:
+        nb = nbformat.read(path, as_version=4)
+        for index, cell in enumerate(nb.cells):
+            meta = cell.metadata.get("nbgrader", {})
+            if meta.get("grade") and cell.cell_type == "markdown":
+                yield pytest.param(path, index, id=f"{rel(path)}:{meta['grade_id']}")
+
+
+@pytest.mark.parametrize("path,index", list(written_answer_cells()))
+def test_written_answers_reach_students_as_nbgraders_placeholder(path, index):
+    """Neither the model answer nor the rubric is released; a question precedes each answer."""
+    source = nbformat.read(path, as_version=4)
+    cell = source.cells[index]
+    grade_id = cell.metadata["nbgrader"]["grade_id"]
+    question = source.cells[index - 1]
+    assert index > 0 and question.cell_type == "markdown" and not question.metadata.get("nbgrader", {}).get(
+        "grade"), f"{grade_id}: the question, an ungraded markdown cell, comes just before the answer"
+    released_path = layout.RELEASE / path.relative_to(layout.SOURCE)
+    stale = f"run `make release PHASE={path.parent.name}`"
+    assert released_path.exists(), f"{rel(released_path)} does not exist: {stale}"
+    released = nbformat.read(released_path, as_version=4)
+    answers = [c for c in released.cells if c.metadata.get("nbgrader", {}).get("grade_id") == grade_id]
+    assert len(answers) == 1, f"{grade_id} is missing from {rel(released_path)}: {stale}"
+    assert answers[0].source == NBGRADER_ANSWER_PLACEHOLDER
+    model, _, rubric = WRITTEN_ANSWER.match(cell.source).groups()
+    text = "\n".join(c.source for c in released.cells)
+    for part in (model, rubric):
+        assert part.strip()[:200] not in text, f"{grade_id}: the model answer or rubric reached course/"
 
 
 def test_environment_yml_lists_the_same_dependencies_as_pyproject():
