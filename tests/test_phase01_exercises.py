@@ -341,21 +341,6 @@ def test_ex4_mistakes_lose_points(name):
 # ---------------------------------------------------------------------------------------------
 
 EX5_CORRECT = {
-    "two passes over the blocks (recomputing the scores)": '''
-def tiled_attention(q, k, v, block_size):
-    scale = q.shape[-1] ** -0.5
-    blocks = list(zip(k.split(block_size, dim=-2), v.split(block_size, dim=-2)))
-    row_max = torch.full(q.shape[:-1] + (1,), -float("inf"), dtype=q.dtype)
-    for k_block, _ in blocks:
-        row_max = torch.maximum(row_max, (q @ k_block.transpose(-1, -2) * scale).amax(-1, keepdim=True))
-    total = torch.zeros_like(row_max)
-    out = torch.zeros(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype)
-    for k_block, v_block in blocks:
-        p = torch.exp(q @ k_block.transpose(-1, -2) * scale - row_max)
-        total = total + p.sum(-1, keepdim=True)
-        out = out + p @ v_block
-    return out / total
-''',
     "online softmax with in-place updates and einsum": '''
 def tiled_attention(q, k, v, block_size):
     d = q.shape[-1]
@@ -376,7 +361,38 @@ def tiled_attention(q, k, v, block_size):
         start = stop
     return o / l
 ''',
+    "running log-sum-exp with the built-in softmax of each block": '''
+def tiled_attention(q, k, v, block_size):
+    out, lse = None, None
+    for k_block, v_block in zip(k.split(block_size, dim=-2), v.split(block_size, dim=-2)):
+        scores = q @ k_block.mT / math.sqrt(q.shape[-1])
+        block_lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+        block_out = torch.softmax(scores, dim=-1) @ v_block
+        if out is None:
+            out, lse = block_out, block_lse
+        else:
+            new_lse = torch.logaddexp(lse, block_lse)
+            out = out * torch.exp(lse - new_lse) + block_out * torch.exp(block_lse - new_lse)
+            lse = new_lse
+    return out
+''',
 }
+
+TWO_PASS = '''
+def tiled_attention(q, k, v, block_size):
+    scale = q.shape[-1] ** -0.5
+    blocks = list(zip(k.split(block_size, dim=-2), v.split(block_size, dim=-2)))
+    row_max = torch.full(q.shape[:-1] + (1,), -float("inf"), dtype=q.dtype)
+    for k_block, _ in blocks:
+        row_max = torch.maximum(row_max, (q @ k_block.transpose(-1, -2) * scale).amax(-1, keepdim=True))
+    total = torch.zeros_like(row_max)
+    out = torch.zeros(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype)
+    for k_block, v_block in blocks:
+        p = torch.exp(q @ k_block.transpose(-1, -2) * scale - row_max)
+        total = total + p.sum(-1, keepdim=True)
+        out = out + p @ v_block
+    return out / total
+'''
 
 EX5_WRONG = {
     "accumulator not rescaled": (("accumulator = accumulator * correction + exps @ v_block",
@@ -411,11 +427,18 @@ def test_ex5_mistakes_lose_points(name):
         assert message in outcome.messages
 
 
-def test_ex5_materialising_the_scores_loses_the_memory_points():
+def test_ex5_materialising_the_scores_earns_nothing():
+    """Exact, but not tiled: every test cell watches how the keys are read."""
     outcome = NB.run("ex5", FULL_ATTENTION_IN_BLOCKS)
-    assert outcome.earned["ex5_test_exact"] > 0, "exact attention is still exact"
-    assert outcome.earned["ex5_test_memory"] == 0
+    assert sum(outcome.earned.values()) == 0, outcome.earned
     assert "(1, 256, 256)" in outcome.errors["ex5_test_memory"]
+
+
+def test_ex5_two_passes_over_the_blocks_earn_nothing():
+    """Exact and tiled, but the maximum comes from a first pass: every key is scored twice."""
+    outcome = NB.run("ex5", TWO_PASS)
+    assert sum(outcome.earned.values()) == 0, outcome.earned
+    assert "two-pass softmax" in outcome.messages
 
 
 def test_ex5_calling_the_builtin_fails():
@@ -423,3 +446,127 @@ def test_ex5_calling_the_builtin_fails():
                             "    return F.scaled_dot_product_attention(q, k, v)\n")
     assert sum(outcome.earned.values()) == 0
     assert "switched off" in outcome.messages
+
+
+# ---------------------------------------------------------------------------------------------
+# Shortcuts: a library call, PyTorch's own version or the course's helper instead of the idea.
+# Each row must earn nothing on every test cell of its exercise (tests/test_shortcuts_every_phase.py).
+# ---------------------------------------------------------------------------------------------
+
+SHORTCUTS = {
+    "ex1": {
+        "PyTorch's attention does the softmax and the weighted sum (additive scores as a float mask)": EX1_HEADER + '''
+        scores = self.v(torch.tanh(self.W_q(query).unsqueeze(1) + self.W_k(keys))).squeeze(-1)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        silent = keys.new_zeros(keys.shape[0], 1, keys.shape[-1])  # q.k = 0: the mask alone sets the scores
+        context = F.scaled_dot_product_attention(silent, keys, keys, attn_mask=scores[:, None, :]).squeeze(1)
+        weights = attn_utils.reference_weights(silent, keys, scores[:, None, :]).squeeze(1)
+        return context, weights
+''',
+    },
+    "ex2": {
+        "the built-in softmax and F.scaled_dot_product_attention": '''
+def stable_softmax(x, dim=-1):
+    return torch.nan_to_num(torch.softmax(x, dim=dim))
+
+
+def scaled_dot_product_attention(q, k, v, mask=None):
+    weights = torch.nan_to_num(attn_utils.reference_weights(q, k, mask))
+    return torch.nan_to_num(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)), weights
+''',
+        "log_softmax, exponentiated": '''
+def stable_softmax(x, dim=-1):
+    return torch.nan_to_num(F.log_softmax(x, dim=dim).exp())
+
+
+def scaled_dot_product_attention(q, k, v, mask=None):
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    weights = stable_softmax(scores)
+    return weights @ v, weights
+''',
+    },
+    "ex3": {
+        "PyTorch's causal_lower_right bias, materialised": '''
+from torch.nn.attention.bias import causal_lower_right
+
+
+def causal_mask(t_q, t_k=None):
+    return causal_lower_right(t_q, t_q if t_k is None else t_k)._materialize()
+
+
+def padding_mask(lengths, t):
+    rows = torch.cat([torch.zeros(1, t, dtype=torch.bool), causal_lower_right(t, t)._materialize()])
+    return rows[lengths.long()]  # row n of a causal mask has exactly n leading True
+
+
+def attention_mask(lengths, t_q, t_k=None, causal=True):
+    t_k = t_q if t_k is None else t_k
+    mask = padding_mask(lengths, t_k)[:, None, None, :].expand(-1, 1, t_q, t_k)
+    return mask & causal_mask(t_q, t_k) if causal else mask
+''',
+        "nn.Transformer's square subsequent mask": '''
+def causal_mask(t_q, t_k=None):
+    t_k = t_q if t_k is None else t_k
+    return nn.Transformer.generate_square_subsequent_mask(t_k)[t_k - t_q:] == 0
+
+
+def padding_mask(lengths, t):
+    rows = torch.cat([torch.zeros(1, t, dtype=torch.bool), nn.Transformer.generate_square_subsequent_mask(t) == 0])
+    return rows[lengths.long()]
+
+
+def attention_mask(lengths, t_q, t_k=None, causal=True):
+    t_k = t_q if t_k is None else t_k
+    mask = padding_mask(lengths, t_k)[:, None, None, :].expand(-1, 1, t_q, t_k)
+    return mask & causal_mask(t_q, t_k) if causal else mask
+''',
+    },
+    "ex4": {
+        "F.multi_head_attention_forward with the four layers' weights": EX4_HEADER + '''
+        b, t_q, t_k = query.shape[0], query.shape[1], key.shape[1]
+        mask = None
+        if attn_mask is not None:
+            mask = attn_mask.expand(b, self.n_heads, t_q, t_k).reshape(b * self.n_heads, t_q, t_k)
+            mask = ~mask if mask.dtype == torch.bool else mask  # PyTorch's boolean masks: True = hidden
+        out, _ = F.multi_head_attention_forward(
+            query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1), query.shape[-1], self.n_heads,
+            torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]),
+            torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]), None, None, False, 0.0,
+            self.out_proj.weight, self.out_proj.bias, training=False, need_weights=False, attn_mask=mask)
+        return out.transpose(0, 1)
+''',
+        "nn.MultiheadAttention built on the fly with the same weights": EX4_HEADER + '''
+        d_model, b, t_q, t_k = query.shape[-1], query.shape[0], query.shape[1], key.shape[1]
+        module = nn.MultiheadAttention(d_model, self.n_heads, batch_first=True)
+        module.in_proj_weight = nn.Parameter(torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]))
+        module.in_proj_bias = nn.Parameter(torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]))
+        module.out_proj = self.out_proj
+        mask = None
+        if attn_mask is not None:
+            mask = attn_mask.expand(b, self.n_heads, t_q, t_k).reshape(b * self.n_heads, t_q, t_k)
+            mask = ~mask if mask.dtype == torch.bool else mask
+        return module(query, key, value, attn_mask=mask, need_weights=False)[0]
+''',
+    },
+    "ex5": {
+        "an exact softmax one query row at a time, no online rescaling": '''
+def tiled_attention(q, k, v, block_size):
+    rows = []
+    for i in range(q.shape[-2]):
+        scores = q[..., i:i + 1, :] @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+        rows.append(torch.softmax(scores, dim=-1) @ v)
+    return torch.cat(rows, dim=-2)
+''',
+        "F.scaled_dot_product_attention": '''
+def tiled_attention(q, k, v, block_size):
+    return F.scaled_dot_product_attention(q, k, v)
+''',
+        "the course's naive attention helper": '''
+def tiled_attention(q, k, v, block_size):
+    return attn_utils.naive_attention(q, k, v)
+''',
+    },
+}

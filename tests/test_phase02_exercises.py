@@ -410,14 +410,15 @@ def test_ex5_reference_code_does_not_pass(name):
     assert outcome.earned[cell] == 0, f"{name} earned the points of {cell}"
 
 
-def test_ex5_cheating_wrapper_passes_the_visible_test_only():
-    """The wrapper gives GPT-2's logits: only the hidden checks of 'your own code' can stop it."""
+def test_ex5_cheating_wrapper_is_caught_by_the_visible_test_too():
+    """The wrapper would give GPT-2's logits: the reference GPT is switched off in the visible test as well."""
     source = NB.solution_source("ex5").split("class GPT(nn.Module):")[0] + EX5_REFERENCE_GPT
     visible = NB.cells["ex5_test_gpt2"].source.split("### BEGIN HIDDEN TESTS")[0]
     namespace = {"__name__": "__main__"}
     exec(NB.cells["setup"].source, namespace)
     exec(source, namespace)
-    exec(visible, namespace)  # raises if the visible test already caught it
+    with pytest.raises(AssertionError, match="switched off"):
+        exec(visible, namespace)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -595,3 +596,155 @@ def generate(model, idx, max_new_tokens, use_cache=True):
 '''
     outcome = NB.run("ex7", source)
     assert outcome.earned["ex7_test_generate"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Shortcuts: a library call, PyTorch's own version or the course's helper instead of the idea.
+# Each row must earn nothing on every test cell of its exercise (tests/test_shortcuts_every_phase.py).
+# ---------------------------------------------------------------------------------------------
+
+SHORTCUTS = {
+    "ex1": {
+        "transformers' rotary embedding computes the angles": '''
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+
+def sinusoidal_positions(n_positions, d_model, base=10000.0):
+    rotary = LlamaRotaryEmbedding(LlamaConfig(hidden_size=d_model, num_attention_heads=1, head_dim=d_model,
+                                              rope_theta=base))
+    cos, sin = rotary(torch.zeros(1, n_positions, d_model), torch.arange(n_positions)[None])
+    half = d_model // 2
+    return torch.stack([sin[0, :, :half], cos[0, :, :half]], dim=-1).flatten(1).float()
+''',
+        "DistilBERT's sinusoidal table (base 10000 only)": '''
+from transformers.models.distilbert.modeling_distilbert import create_sinusoidal_embeddings
+
+
+def sinusoidal_positions(n_positions, d_model, base=10000.0):
+    out = torch.empty(n_positions, d_model)
+    create_sinusoidal_embeddings(n_positions, d_model, out)
+    return out
+''',
+    },
+    "ex2": {
+        "transformers' apply_rotary_pos_emb, features permuted to rotate-half order": '''
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+
+def apply_rope(x, positions, base=10000.0):
+    d = x.shape[-1]
+    theta = base ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    angles = positions.double()[:, None] * theta
+    angles = torch.cat([angles, angles], dim=-1)
+    order = torch.cat([torch.arange(0, d, 2), torch.arange(1, d, 2)])  # pairs (2i, 2i+1) -> (i, i + d/2)
+    halves = x[..., order]
+    rotated, _ = apply_rotary_pos_emb(halves, halves, angles.cos().to(x.dtype), angles.sin().to(x.dtype), unsqueeze_dim=0)
+    return rotated.reshape(x.shape)[..., torch.argsort(order)]
+''',
+        "the course's reference apply_rope": '''
+def apply_rope(x, positions, base=10000.0):
+    return tx.apply_rope(x, positions, base)
+''',
+    },
+    "ex3": {
+        "F.group_norm with one group, and transformers' LlamaRMSNorm": EX3_HEADER.format(ln='''
+        tokens = x.reshape(-1, 1, x.shape[-1])  # one group of one channel per token
+        return F.group_norm(tokens, 1, eps=self.eps).reshape(x.shape) * self.weight + self.bias''', rms='''
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+        norm = LlamaRMSNorm(x.shape[-1], eps=self.eps)
+        norm.weight = self.weight
+        return norm(x)'''),
+        "nn.LayerNorm's functional, and the course's tx.RMSNorm": EX3_HEADER.format(ln='''
+        return torch.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)''', rms='''
+        norm = tx.RMSNorm(x.shape[-1], eps=self.eps)
+        norm.weight = self.weight
+        return norm(x)'''),
+    },
+    "ex4": {
+        "transformers' LlamaMLP with the same layers": '''
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaMLP
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model, d_hidden):
+        super().__init__()
+        self.w_gate = nn.Linear(d_model, d_hidden, bias=False)
+        self.w_up = nn.Linear(d_model, d_hidden, bias=False)
+        self.w_down = nn.Linear(d_hidden, d_model, bias=False)
+
+    def forward(self, x):
+        mlp = LlamaMLP(LlamaConfig(hidden_size=self.w_gate.in_features, intermediate_size=self.w_gate.out_features,
+                                   num_attention_heads=1))
+        mlp.gate_proj, mlp.up_proj, mlp.down_proj = self.w_gate, self.w_up, self.w_down
+        return mlp(x)
+''',
+    },
+    "ex5": {
+        "the course's reference Block and GPT behind the exercise's attribute names": NB.solution_source("ex5").split(
+            "class Block(nn.Module):")[0] + '''
+class Block(nn.Module):
+    def __init__(self, n_embd, n_head):
+        super().__init__()
+        reference = tx.Block(tx.GPTConfig(n_embd=n_embd, n_head=n_head))
+        self.ln_1, self.ln_2 = reference.ln_1, reference.ln_2
+        self.attn, self.mlp = CausalSelfAttention(n_embd, n_head), MLP(n_embd)
+        reference.attn.c_attn, reference.attn.c_proj = self.attn.c_attn, self.attn.c_proj
+        reference.mlp.c_fc, reference.mlp.c_proj = self.mlp.c_fc, self.mlp.c_proj
+        object.__setattr__(self, "_reference", reference)   # hidden from named_modules
+
+    def forward(self, x, causal=True):
+        return self._reference(x) if causal else x + self.mlp(self.ln_2(x + self.attn(self.ln_1(x), False))) + \\
+            self.attn(self.ln_1(x), False)
+''' + EX5_REFERENCE_GPT,
+    },
+    "ex6": {
+        "the reference GPT built on the meta device": '''
+def gpt_num_params(vocab_size, block_size, n_layer, n_embd, bias=True, tied=True):
+    with torch.device("meta"):
+        model = tx.GPT(tx.GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=1,
+                                    n_embd=n_embd, bias=bias))
+    return model.num_parameters() + (0 if tied else vocab_size * n_embd)
+''',
+        "transformers' GPT-2 on the meta device": '''
+def gpt_num_params(vocab_size, block_size, n_layer, n_embd, bias=True, tied=True):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_positions=block_size, n_layer=n_layer,
+                                           n_embd=n_embd, n_head=1, tie_word_embeddings=tied))
+    return sum(p.numel() for p in model.parameters())
+''',
+        "a stack of plain nn.Linear and nn.LayerNorm modules, counted": '''
+def gpt_num_params(vocab_size, block_size, n_layer, n_embd, bias=True, tied=True):
+    with torch.device("meta"):
+        block = [nn.LayerNorm(n_embd, bias=bias), nn.Linear(n_embd, 3 * n_embd, bias=bias), nn.Linear(n_embd, n_embd, bias=bias),
+                 nn.LayerNorm(n_embd, bias=bias), nn.Linear(n_embd, 4 * n_embd, bias=bias), nn.Linear(4 * n_embd, n_embd, bias=bias)]
+        per_block = sum(p.numel() for m in block for p in m.parameters())
+        final = sum(p.numel() for p in nn.LayerNorm(n_embd, bias=bias).parameters())
+    return (vocab_size + block_size) * n_embd + n_layer * per_block + final + (0 if tied else vocab_size * n_embd)
+''',
+    },
+    "ex7": {
+        "the reference attention with a KVCache, and the reference GPT's generate": '''
+class CachedSelfAttention(nn.Module):
+    def __init__(self, n_embd, n_head):
+        super().__init__()
+        self.n_head = n_head
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd)
+        self.c_proj = nn.Linear(n_embd, n_embd)
+        self.dropout, self.resid_dropout = 0.0, nn.Identity()
+
+    def forward(self, x, past=None):
+        cache = tx.KVCache(1)
+        cache.layers[0] = past
+        y = tx.CausalSelfAttention.forward(self, x, cache, 0)
+        return y, cache.layers[0]
+
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, use_cache=True):
+    return model.gpt.generate(idx, max_new_tokens, temperature=0)
+''',
+    },
+}

@@ -153,12 +153,107 @@ def test_forbid_builtins_can_allow_softmax_and_restores_after_errors():
     with A.forbid_builtins(softmax=False):
         torch.softmax(x, -1)
         torch.exp(x).sum(-1)
-        with pytest.raises(AssertionError, match="attention"):
-            F.scaled_dot_product_attention(x, x, x)
+    # A shortcut fails the block even if the code under test swallowed the error.
+    with pytest.raises(AssertionError, match="attention"):
+        with A.forbid_builtins(softmax=False):
+            try:
+                F.scaled_dot_product_attention(x, x, x)
+            except AssertionError:
+                pass
     with pytest.raises(ValueError):
         with A.forbid_builtins():
             raise ValueError("student bug")
     assert F.scaled_dot_product_attention(x, x, x).shape == x.shape
+
+
+@pytest.mark.parametrize("call", [
+    lambda x: nn.MultiheadAttention(4, 2, batch_first=True)(x, x, x),
+    lambda x: F.multi_head_attention_forward(x, x, x, 4, 2, torch.randn(12, 4), torch.zeros(12), None, None, False,
+                                             0.0, torch.randn(4, 4), torch.zeros(4), need_weights=False),
+    lambda x: A.reference_weights(x, x), lambda x: A.naive_attention(x, x, x),
+], ids=["nn.MultiheadAttention", "F.multi_head_attention_forward", "reference_weights", "naive_attention"])
+def test_forbid_builtins_switches_off_multihead_attention_and_the_course_helpers(call):
+    x = torch.randn(2, 3, 4)
+    with pytest.raises(AssertionError, match="switched off"):
+        with A.forbid_builtins(softmax=False, attention=False):
+            call(x)
+
+
+def test_exercise_4_may_use_pytorchs_attention():
+    x = torch.randn(2, 3, 4)
+    with A.forbid_builtins(softmax=False, attention=False):
+        F.scaled_dot_product_attention(x, x, x)
+
+
+@pytest.mark.parametrize("call", [
+    lambda: __import__("torch.nn.attention.bias", fromlist=["x"]).causal_lower_right(2, 4)._materialize(),
+    lambda: nn.Transformer.generate_square_subsequent_mask(4),
+], ids=["causal_lower_right", "generate_square_subsequent_mask"])
+def test_forbid_mask_builders_switches_off_the_ready_made_masks(call):
+    call()
+    with pytest.raises(AssertionError, match="build them"):
+        with A.forbid_mask_builders():
+            call()
+    with A.forbid_mask_builders():
+        torch.ones(3, 4, dtype=torch.bool).tril(1)
+
+
+def _online(q, k, v, block):
+    """Exercise 5's algorithm, written here independently of the notebook."""
+    m = torch.full(q.shape[:-1] + (1,), float("-inf"))
+    den = torch.zeros(q.shape[:-1] + (1,))
+    acc = torch.zeros(q.shape[:-1] + (v.shape[-1],))
+    for start in range(0, k.shape[-2], block):
+        s = q @ k[..., start:start + block, :].mT / math.sqrt(q.shape[-1])
+        new = torch.maximum(m, s.amax(-1, keepdim=True))
+        p = torch.exp(s - new)
+        den = den * torch.exp(m - new) + p.sum(-1, keepdim=True)
+        acc = acc * torch.exp(m - new) + p @ v[..., start:start + block, :]
+        m = new
+    return acc / den
+
+
+def _two_pass(q, k, v, block):
+    blocks = list(zip(k.split(block, -2), v.split(block, -2)))
+    m = torch.stack([(q @ kb.mT).amax(-1) for kb, _ in blocks]).amax(0)[..., None] / math.sqrt(q.shape[-1])
+    p = [torch.exp(q @ kb.mT / math.sqrt(q.shape[-1]) - m) for kb, _ in blocks]
+    return sum(pb @ vb for pb, (_, vb) in zip(p, blocks)) / sum(pb.sum(-1, keepdim=True) for pb in p)
+
+
+def _whole_rows(q, k, v, block):
+    return torch.softmax(q @ k.mT / math.sqrt(q.shape[-1]), -1) @ v
+
+
+def test_tiled_reads_sees_each_block_of_keys_and_values_once():
+    q, k, v = torch.randn(1, 1, 4), torch.randn(1, 100, 4), torch.randn(1, 100, 3)
+    with A.TiledReads(k, v) as record:
+        out = _online(q, k, v, 32)
+    assert sorted(record.reads["keys"]) == [(0, 31), (32, 63), (64, 95), (96, 99)]
+    assert sorted(record.reads["values"]) == [(0, 31), (32, 63), (64, 95), (96, 99)]
+    assert record.largest_bytes <= 32 * 4 * 4  # a block of scores or less: no view of k counts
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
+    with pytest.raises(ValueError):
+        A.TiledReads(torch.randn(2, 10, 4), torch.randn(2, 10, 4))  # one sequence only
+
+
+def test_check_one_pass_accepts_the_online_softmax_and_names_the_other_algorithms():
+    q, k, v = torch.randn(1, 1, 8), torch.randn(1, 256, 8), torch.randn(1, 256, 8)
+    torch.testing.assert_close(A.check_one_pass(_online, q, k, v, 32), F.scaled_dot_product_attention(q, k, v))
+    with pytest.raises(AssertionError, match="two-pass softmax"):
+        A.check_one_pass(_two_pass, q, k, v, 32)
+    with pytest.raises(AssertionError, match="read keys 0..255"):
+        A.check_one_pass(_whole_rows, q, k, v, 32)
+    with pytest.raises(AssertionError, match="switched off"):
+        A.check_one_pass(lambda q, k, v, b: F.scaled_dot_product_attention(q, k, v), q, k, v, 32)
+
+
+def test_new_memory_counts_copies_not_views():
+    a = torch.randn(64, 8)
+    with A.NewMemory() as record:
+        a.t()
+        a[:10]
+        a[:10].clone()
+    assert record.largest_bytes == 10 * 8 * 4 and record.largest_shape == (10, 8)
 
 
 def test_largest_tensor_sees_new_memory_not_views():

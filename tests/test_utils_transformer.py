@@ -262,7 +262,8 @@ def test_forbid_builtin_norms_switches_every_route_off_and_restores_them():
     x = torch.randn(2, 4)
     originals = (F.layer_norm, F.rms_norm, torch.layer_norm)
     for call in (lambda: nn.LayerNorm(4)(x), lambda: nn.RMSNorm(4)(x), lambda: F.rms_norm(x, (4,)),
-                 lambda: torch.layer_norm(x, (4,))):
+                 lambda: torch.layer_norm(x, (4,)), lambda: F.group_norm(x[:, None, :], 1),
+                 lambda: F.batch_norm(x.T, None, None, training=True), lambda: tx.RMSNorm(4)(x)):
         with pytest.raises(AssertionError, match="switched off"):
             with tx.forbid_builtin_norms():
                 call()
@@ -321,3 +322,70 @@ def test_live_loss_curve_collects_points():
     curve.flush()
     assert list(curve.live.fig.data[0].x) == [0, 1, 2, 3, 4]
     assert len(curve.live.fig.data[1].x) == 0
+
+
+# --------------------------------------------------------------------------- reference Llama pieces
+
+def _rope_complex(x, positions, base=10000.0):
+    """RoPE in its complex form (RoFormer, section 3.2), independent of the code under test."""
+    d = x.shape[-1]
+    theta = base ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    z = torch.view_as_complex(x.double().reshape(*x.shape[:-1], d // 2, 2).contiguous())
+    angles = positions.double()[..., None] * theta
+    return torch.view_as_real(z * torch.polar(torch.ones_like(angles), angles)).reshape(x.shape).to(x.dtype)
+
+
+def test_apply_rope_matches_the_complex_form_for_shared_and_per_sequence_positions():
+    x = torch.randn(2, 3, 5, 8)
+    torch.testing.assert_close(tx.apply_rope(x, torch.arange(5) + 7), _rope_complex(x, torch.arange(5) + 7))
+    per_sequence = torch.tensor([[0, 1, 2, 3, 4], [3, 4, 5, 6, 7]])  # e.g. left padding of 3 in sequence 1
+    expected = torch.stack([_rope_complex(x[b], per_sequence[b]) for b in range(2)])
+    torch.testing.assert_close(tx.apply_rope(x, per_sequence), expected)
+    assert tx.apply_rope(x.double(), torch.arange(5)).dtype == torch.float64
+
+
+@pytest.mark.parametrize("shape", [(4,), (2, 4), (3, 5), (1, 1, 5), (5, 1)])
+def test_apply_rope_rejects_positions_it_cannot_place(shape):
+    x = torch.randn(2, 3, 5, 8)  # T = 5, d/2 = 4: a (2, 4) tensor would broadcast silently
+    with pytest.raises(ValueError, match="positions must have shape"):
+        tx.apply_rope(x, torch.zeros(shape, dtype=torch.long))
+
+
+def test_rms_norm_computes_in_float32_and_casts_back():
+    x = (3 * torch.randn(16, 256)).to(torch.bfloat16)
+    exact = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6)
+    out = tx.RMSNorm(256)(x)
+    assert out.dtype == torch.bfloat16
+    in_bf16 = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    assert (out.double() - exact).abs().max() < (in_bf16.double() - exact).abs().max()
+    x64 = torch.randn(4, 8, dtype=torch.float64)
+    torch.testing.assert_close(tx.RMSNorm(8)(x64), nn.RMSNorm(8, eps=1e-6).double()(x64))
+
+
+def test_shortcut_lists_hold_no_shared_decorator_code():
+    """A decorated function's code is its decorator's wrapper, shared with every function decorated the same
+    way (the student's too): the lists hold the functions underneath."""
+    for targets, _ in tx.SWITCHED_OFF.values():
+        for target in targets:
+            code = getattr(target, "__code__", None)
+            assert code is None or code.co_name not in ("decorate_context", "wrapper"), target
+
+
+def test_the_exercise_shortcuts_are_switched_off():
+    with pytest.raises(AssertionError, match="derive the formula"):
+        with tx.shortcuts_off("count"):
+            with torch.device("meta"):
+                tx.GPT(tx.GPTConfig())
+    with pytest.raises(AssertionError, match="write the cache yourself"):
+        with tx.shortcuts_off("cache"):
+            tx.KVCache(1)
+    with tx.shortcuts_off("generation"):
+        model = tx.ReplayLM(seed=0)  # the tests' own wrapper keeps working
+        model(torch.zeros(1, 3, dtype=torch.long))
+
+    @torch.no_grad()
+    def students_generate():
+        return 1
+
+    with tx.shortcuts_off("generation"):
+        assert students_generate() == 1

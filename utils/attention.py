@@ -6,8 +6,9 @@ or takes your function as an argument.
 
 * the digit-reversal task: ``reversal_batch``, ``ReversalModel``, ``train_reversal``, ``alignment_figure``
 * why the 1/sqrt(d) scale: ``saturation_figure``
-* references and test tools: ``reference_weights``, ``forbid_builtins``,
-  ``copy_mha_weights``
+* references and test tools: ``reference_weights``, ``naive_attention``, ``copy_mha_weights``,
+  ``forbid_builtins`` and ``forbid_mask_builders`` (the shortcuts switched off), ``NewMemory``, ``TiledReads`` and ``check_one_pass`` (how
+  tiled attention reads K and V)
 * the interactive ``attention_explorer``
 * the memory/time comparison: ``benchmark_attention``, ``benchmark_figures``
 """
@@ -23,6 +24,8 @@ from typing import Callable, Mapping, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from . import checks, plots, runtime
 
@@ -128,11 +131,11 @@ def reference_weights(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor 
 
 
 def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """PyTorch's textbook ("math") attention, which builds the full (T_q, T_k) score matrix."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel(SDPBackend.MATH):
-        return F.scaled_dot_product_attention(q, k, v)
+    """Textbook attention, as PyTorch's "math" backend computes it: the full (T_q, T_k) score and
+    weight matrices are built. (Written out rather than selected with ``sdpa_kernel``, a context
+    manager, so that it also runs inside ``checks.LargestTensor``, which switches those off.)"""
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    return torch.softmax(scores, dim=-1) @ v
 
 
 @torch.no_grad()
@@ -174,31 +177,181 @@ def copy_mha_weights(source: nn.MultiheadAttention, target: nn.Module) -> nn.Mod
 
 
 # ---------------------------------------------------------------------------
-# Tools for the tests: switch the built-ins off
+# Tools for the tests: switch the shortcuts off, and watch how tiled attention reads K and V
 # ---------------------------------------------------------------------------
 
+# What would do an attention exercise's work in one call: PyTorch's attention (functional, module,
+# multi-head), any `transformers` code, and this module's own references.
+ATTENTION_SHORTCUTS = (
+    "torch.nn.functional.scaled_dot_product_attention",
+    "torch.nn.functional.multi_head_attention_forward",
+    "torch.nn.MultiheadAttention",
+    "transformers.*",
+    reference_weights,
+    naive_attention,
+)
+SOFTMAX_SHORTCUTS = ("torch.softmax", "torch.nn.functional.softmax", "torch.Tensor.softmax",
+                     "torch.special.softmax", "torch.nn.functional.log_softmax", "torch.nn.Softmax")
+# The ready-made masks: PyTorch's causal biases and square-mask builder, transformers' mask helpers.
+MASK_SHORTCUTS = (
+    "torch.nn.attention.bias.causal_lower_right",
+    "torch.nn.attention.bias.causal_upper_left",
+    "torch.nn.attention.bias.CausalBias",
+    "torch.nn.Transformer.generate_square_subsequent_mask",
+    "torch.nn.modules.transformer._generate_square_subsequent_mask",
+    "transformers.*",
+)
+
+
 @contextlib.contextmanager
-def forbid_builtins(softmax: bool = True):
-    """Inside this block, PyTorch's attention (and, if ``softmax``, every built-in softmax) raises.
+def forbid_builtins(*extra, softmax: bool = True, attention: bool = True):
+    """Inside this block PyTorch's attention (and, if ``softmax``, every built-in softmax) raises,
+    and so do ``transformers``, this module's references and the ``extra`` targets.
 
-    The tests of an exercise that asks you to write attention or a softmax
-    yourself run your function inside it, so calling the built-in cannot pass.
+    The tests of an exercise that asks you to write attention or a softmax yourself run your
+    function inside it (``checks.shortcuts_off``), so calling the built-in cannot pass.
+    ``attention=False`` keeps ``F.scaled_dot_product_attention`` available (exercise 4 may use it)
+    while multi-head attention stays off.
     """
-    fragments = ["scaled_dot_product", "_safe_softmax"] + (["softmax"] if softmax else [])
-    what = "PyTorch's softmax and attention functions are" if softmax else "PyTorch's attention functions are"
+    if attention:
+        targets = ATTENTION_SHORTCUTS
+        fragments = ["scaled_dot_product", "_safe_softmax", "multi_head_attention"]
+    else:
+        targets = tuple(t for t in ATTENTION_SHORTCUTS if t != "torch.nn.functional.scaled_dot_product_attention")
+        fragments = ["multi_head_attention"]
+    if softmax:
+        targets += SOFTMAX_SHORTCUTS
+        fragments.append("softmax")
+    warm_up_dispatch()
+    what = ("PyTorch's softmax and attention functions are" if softmax else
+            "PyTorch's attention functions are" if attention else "PyTorch's multi-head attention is")
     message = f"{what} switched off while this test runs: this exercise asks you to write them yourself"
-    original = F.scaled_dot_product_attention
+    with checks.shortcuts_off(*targets, *extra, ops=fragments, message=message) as guard:
+        yield guard
 
-    def switched_off(*args, **kwargs):
-        raise AssertionError(f"{message} (F.scaled_dot_product_attention was called)")
 
-    F.scaled_dot_product_attention = switched_off
-    try:
-        with checks.forbid_ops(fragments, message):
-            yield
-    finally:
-        F.scaled_dot_product_attention = original
+def forbid_mask_builders():
+    """A block inside which the ready-made masks (``MASK_SHORTCUTS``) raise: exercise 3 builds them."""
+    warm_up_dispatch()
+    return checks.shortcuts_off(*MASK_SHORTCUTS, message="the ready-made masks are switched off while this test "
+                                "runs: this exercise asks you to build them from positions yourself")
 
+
+def warm_up_dispatch() -> None:
+    """Import what PyTorch loads the first time a dispatch mode runs (``torch._dynamo``, seconds).
+
+    Done before a watched block starts, so that the import is not slowed down by the call watcher."""
+    import torch._dynamo  # noqa: F401
+
+
+class NewMemory(TorchDispatchMode):
+    """Record the largest NEW tensor that any PyTorch operator returns inside the block
+    (``largest_bytes``, ``largest_shape``). Views and in-place results reuse memory that already
+    existed (a slice of ``k`` is not a copy of it), so they do not count.
+
+    Enter it before ``forbid_builtins``, whose guard then keeps it on: a dispatch mode cannot be
+    entered or left inside a ``checks.shortcuts_off`` block.
+    """
+
+    def __init__(self):
+        super().__init__()
+        warm_up_dispatch()
+        self.largest_bytes = 0
+        self.largest_shape: tuple[int, ...] = ()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:
+            self.record(func, tree_flatten((args, kwargs))[0], tree_flatten(out)[0])
+        return out
+
+    def record(self, func, inputs: list, outputs: list) -> None:
+        in_storages = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
+        for tensor in outputs:
+            if isinstance(tensor, torch.Tensor):
+                size = tensor.untyped_storage().nbytes()
+                if tensor.untyped_storage().data_ptr() not in in_storages and size > self.largest_bytes:
+                    self.largest_bytes, self.largest_shape = size, tuple(tensor.shape)
+
+
+class TiledReads(NewMemory):
+    """Watch how a function reads the keys ``k`` and values ``v`` of ONE sequence.
+
+    ``k`` (T_k, d) or (1, T_k, d) and ``v`` (T_k, d_v) or (1, T_k, d_v) must be contiguous. For every
+    PyTorch operator that computes from them (views excluded: a slice costs nothing), it records
+    which rows it read: ``reads["keys"]`` and ``reads["values"]`` are lists of ``(first, last)`` row
+    ranges, one per operator. Like ``NewMemory`` it also records the largest new tensor.
+
+    Tiled attention with an online softmax scores each block of keys once and reads each block of
+    values once: ``ceil(T_k / block)`` reads of at most ``block`` rows each, for the keys and for the
+    values, and nothing larger than a few blocks is created.
+    """
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        super().__init__()
+        self.sources = {}
+        for name, tensor in (("keys", k), ("values", v)):
+            if not tensor.is_contiguous() or math.prod(tensor.shape[:-2]) != 1:
+                raise ValueError("TiledReads watches one contiguous sequence: (T, d) or (1, T, d)")
+            self.sources[name] = tensor
+        self.reads: dict[str, list[tuple[int, int]]] = {"keys": [], "values": []}
+
+    @staticmethod
+    def _rows(view: torch.Tensor, source: torch.Tensor) -> tuple[int, int]:
+        row = source.shape[-1]
+        first = view.storage_offset() - source.storage_offset()
+        last = first + sum((n - 1) * s for n, s in zip(view.shape, view.stride()) if n > 0)
+        return first // row, last // row
+
+    def record(self, func, inputs: list, outputs: list) -> None:
+        super().record(func, inputs, outputs)
+        out_storages = {t.untyped_storage().data_ptr() for t in outputs if isinstance(t, torch.Tensor)}
+        for name, source in self.sources.items():
+            pointer = source.untyped_storage().data_ptr()
+            if pointer in out_storages:
+                continue  # an alias or an in-place change of the input, not a read
+            for tensor in inputs:
+                if isinstance(tensor, torch.Tensor) and tensor.numel() and tensor.untyped_storage().data_ptr() == pointer:
+                    self.reads[name].append(self._rows(tensor, source))
+
+
+def check_one_pass(tiled_attention: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   block_size: int) -> torch.Tensor:
+    """Run ``tiled_attention(q, k, v, block_size)`` on one sequence, shortcuts off, and fail unless it
+    works like FlashAttention: every key and every value read exactly once, at most ``block_size``
+    rows at a time, and no tensor created larger than two blocks (``2 * block_size * max(T_q, d, d_v)``
+    numbers). Returns the output (as a plain tensor) for the caller to compare."""
+    t_q, t_k = q.shape[-2], k.shape[-2]
+    limit = 2 * block_size * max(t_q, q.shape[-1], v.shape[-1]) * q.element_size()
+    with TiledReads(k, v) as record, forbid_builtins(softmax=False):
+        out = tiled_attention(q, k, v, block_size)
+    out = checks.plain(out, "tiled_attention's output")
+    name = f"tiled_attention with T_q={t_q}, T_k={t_k}, block_size={block_size}"
+    for what, reads in record.reads.items():
+        widest = max(reads, key=lambda r: r[1] - r[0], default=(0, -1))
+        if widest[1] - widest[0] + 1 > block_size:
+            raise AssertionError(
+                f"{name}: one step read {what} {widest[0]}..{widest[1]} ({widest[1] - widest[0] + 1} rows) at once. "
+                f"Work on one block of at most {block_size} {what} at a time: the point of the exercise is that "
+                "the scores of all the keys never exist together (for one query row either).")
+        times = torch.zeros(t_k, dtype=torch.long)
+        for first, last in reads:
+            times[first:last + 1] += 1
+        if (times == 0).any():
+            raise AssertionError(f"{name}: {int((times == 0).sum())} of the {t_k} {what} were never read.")
+        if (times > 1).any():
+            raise AssertionError(
+                f"{name}: some {what} were read {int(times.max())} times ({len(reads)} reads for "
+                f"{-(-t_k // block_size)} blocks). The online softmax makes ONE pass: each block of keys is "
+                "scored once and its values added at once, with the running maximum, denominator and "
+                "accumulator rescaled by exp(m - m_new) when the maximum grows. A first pass for the maximum "
+                "and a second for the sums is the two-pass softmax, which reads K twice.")
+    if record.largest_bytes > limit:
+        raise AssertionError(
+            f"{name}: the largest tensor your function created has shape {record.largest_shape} "
+            f"({record.largest_bytes} bytes), more than two blocks ({limit} bytes). Keep only a block of "
+            "scores and the running statistics; do not copy, scale or concatenate the whole of K or V.")
+    return out
 
 
 # ---------------------------------------------------------------------------

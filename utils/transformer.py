@@ -9,18 +9,25 @@ token embedding (Press & Wolf 2017). ``GPT.from_hf_gpt2`` loads the weights of a
 ``transformers`` ``GPT2LMHeadModel``, and ``GPT.generate`` has a KV cache.
 
 Phase 2's own exercises are NOT solved here (the graded GPT is the one you
-write); this module only holds what the notebook needs to draw and measure:
+write); this module holds the reference pieces and what the notebook needs to draw and measure:
 
-* the reference model: ``GPTConfig``, ``GPT``, ``KVCache``
-* depth and residuals: ``gradient_norms_per_layer``, ``gradient_norm_figure``
-* positional encodings: ``similarity_vs_distance``, ``positional_encoding_figure``,
-  ``rope_explorer``
-* measuring generation: ``time_generation``
+* the reference model: ``GPTConfig``, ``GPT``, ``KVCache``, ``sample``; loading GPT-2's
+  weights: ``load_gpt2_weights``, ``tiny_gpt2``
+* reference Llama-style pieces: ``apply_rope``, ``RMSNorm``
+* depth and residuals: ``ArrangedBlock``, ``deep_stack``, ``gradient_norms_per_layer``,
+  ``gradient_norm_figure``, ``train_deep_stacks``, ``LiveLossCurve``
+* encoder versus decoder: ``influence_matrix``, ``influence_figure``
+* positional encodings: ``positional_heatmap``, ``positional_explorer``
+* the KV-cache exercise: ``CachedLM``, ``ReplayLM``, ``time_generation``, ``generation_time_figure``
+* tools for the tests: ``forbid_builtin_norms``, ``shortcuts_off`` and the shortcut lists (``POSITION_SHORTCUTS``,
+  ``NORM_SHORTCUTS``, ``REFERENCE_MODEL``, ``CACHE_SHORTCUTS``, ``GENERATION_SHORTCUTS``,
+  ``MODEL_BUILDERS``)
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import time
 from dataclasses import dataclass
@@ -260,6 +267,54 @@ class GPT(nn.Module):
         config = GPTConfig(vocab_size=hf.vocab_size, block_size=hf.n_positions, n_layer=hf.n_layer,
                            n_head=hf.n_head, n_embd=hf.n_embd, dropout=0.0, bias=True)
         return load_gpt2_weights(cls(config), hf_model)
+
+
+# ---------------------------------------------------------------------------
+# Reference Llama-style pieces: rotary positions and RMSNorm
+# ---------------------------------------------------------------------------
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """Rotary position embedding (Su et al. 2021), pairs of NEIGHBOURING features (2i, 2i+1).
+
+    ``x`` is (..., T, d) with d even. ``positions`` is (T,), shared by every leading dimension, or
+    (B, T) when ``x`` is (B, ..., T, d) (one row of positions per sequence, e.g. after left padding).
+    Pair i of row t is rotated by ``positions[t] * base ** (-2i / d)``; the angles are computed in
+    float64 and the result has the dtype of ``x``. Any other shape of ``positions`` raises
+    ``ValueError``: broadcasting it silently would rotate by the wrong angles.
+    """
+    t, d = x.shape[-2], x.shape[-1]
+    if d % 2:
+        raise ValueError(f"RoPE rotates pairs of features: the last dimension of x must be even, not {d}")
+    if positions.dim() == 1 and positions.shape[0] == t:
+        shape = (t, d // 2)
+    elif positions.dim() == 2 and x.dim() >= 3 and tuple(positions.shape) == (x.shape[0], t):
+        shape = (x.shape[0],) + (1,) * (x.dim() - 3) + (t, d // 2)
+    else:
+        raise ValueError(f"positions must have shape (T,) = ({t},) or (B, T) = ({x.shape[0]}, {t}) for x of shape "
+                         f"{tuple(x.shape)}; got {tuple(positions.shape)}")
+    theta = base ** (-torch.arange(0, d, 2, dtype=torch.float64, device=x.device) / d)
+    angles = (positions.to(device=x.device, dtype=torch.float64)[..., None] * theta).reshape(shape)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    first, second = x[..., 0::2], x[..., 1::2]
+    return torch.stack([first * cos - second * sin, first * sin + second * cos], dim=-1).flatten(-2)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square normalisation (Zhang & Sennrich 2019): ``weight * x / sqrt(mean(x^2) + eps)``.
+
+    As in Llama, a low-precision input (bfloat16, float16) is normalised in float32 and cast back:
+    squaring and averaging in bfloat16 loses about twice as many digits as the cast alone.
+    """
+
+    def __init__(self, d_model: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d_model))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        wide = x.to(torch.promote_types(x.dtype, torch.float32))
+        normed = wide * torch.rsqrt(wide.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (self.weight * normed).to(x.dtype)
 
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -772,26 +827,80 @@ class ReplayLM(nn.Module):
 # Tools for the tests
 # ---------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def forbid_builtin_norms():
-    """Inside this block PyTorch's LayerNorm and RMSNorm (module, functional and operator) raise.
+def _own_functions(*targets) -> tuple:
+    """``targets`` with every class expanded into its methods and every decorator removed.
 
-    The tests of the exercise that asks you to write them run your modules inside it.
-    ``F.rms_norm`` is switched off by name, since it runs as plain arithmetic below Python.
+    ``checks.shortcuts_off`` recognises a function by its code; a decorated function's code is the
+    decorator's wrapper (``torch.no_grad``'s, ``dataclass``'s ``__repr__``), shared with every other
+    function decorated the same way, including the student's. Names (strings) are kept as they are.
     """
+    functions = []
+    for target in targets:
+        if isinstance(target, str):
+            functions.append(target)
+            continue
+        members = vars(target).values() if isinstance(target, type) else [target]
+        for member in members:
+            if isinstance(member, (staticmethod, classmethod)):
+                member = member.__func__
+            if isinstance(member, property):
+                functions += [part for part in (member.fget, member.fset) if part is not None]
+            elif callable(member) and not isinstance(member, type):
+                functions.append(inspect.unwrap(member))
+    return tuple(functions)
+
+
+# What would do an exercise's work in one call, switched off while the tests run your code
+# (``checks.shortcuts_off``). Any ``transformers`` code is off in every Phase 2 exercise.
+POSITION_SHORTCUTS = _own_functions("transformers.*", apply_rope)
+NORM_SHORTCUTS = _own_functions("transformers.*", RMSNorm, "torch.nn.LayerNorm", "torch.nn.RMSNorm", "torch.nn.GroupNorm",
+                  "torch.nn.functional.layer_norm", "torch.nn.functional.rms_norm",
+                  "torch.nn.functional.group_norm", "torch.nn.functional.batch_norm",
+                  "torch.nn.functional.instance_norm", "torch.layer_norm", "torch.rms_norm", "torch.group_norm")
+NORM_OPS = ("layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_norm")
+# The reference GPT and everything built on it (exercises 5 and 7 must run the student's classes).
+REFERENCE_MODEL = _own_functions("transformers.*", GPT, Block, CausalSelfAttention, MLP, KVCache, sample, ArrangedBlock,
+                   CachedBlock, CachedLM, load_gpt2_weights)
+# The reference attention with its cache, and the reference generation (exercise 7). ``CachedLM`` and
+# ``ReplayLM``, which the tests wrap around the student's code, stay available.
+CACHE_SHORTCUTS = _own_functions("transformers.*", CausalSelfAttention, KVCache, Block)
+GENERATION_SHORTCUTS = _own_functions("transformers.*", GPT.generate, sample, KVCache)
+# Building a model to count its parameters (exercise 6 asks for the formula).
+MODEL_BUILDERS = _own_functions("transformers.*", "torch.nn.Module.__init__", GPT, GPTConfig)
+
+
+SWITCHED_OFF = {
+    "positions": (POSITION_SHORTCUTS, "transformers' rotary helpers and the course's apply_rope are switched off while "
+                  "this test runs: this exercise asks you to compute the encoding yourself"),
+    "ffn": (("transformers.*",), "transformers' feed-forward blocks are switched off while this test runs: this "
+            "exercise asks you to write SwiGLU yourself"),
+    "model": (REFERENCE_MODEL, "the course's reference GPT (utils.transformer) and transformers are switched off "
+              "while your model runs: use your own classes"),
+    "count": (MODEL_BUILDERS, "building a model to count its parameters is switched off while this test runs "
+              "(tx.GPT, transformers, any nn.Module, even on the meta device): derive the formula"),
+    "cache": (CACHE_SHORTCUTS, "the course's reference attention and KVCache are switched off while this test runs: "
+              "this exercise asks you to write the cache yourself"),
+    "generation": (GENERATION_SHORTCUTS, "the reference GPT's generate and sample are switched off while this test "
+                   "runs: this exercise asks you to write the generation loop yourself"),
+}
+
+
+def shortcuts_off(exercise: str, *extra):
+    """``checks.shortcuts_off`` with what would do a Phase 2 exercise's work: ``SWITCHED_OFF[exercise]``."""
+    targets, message = SWITCHED_OFF[exercise]
+    return checks.shortcuts_off(*targets, *extra, message=message)
+
+
+@contextlib.contextmanager
+def forbid_builtin_norms(*extra):
+    """Inside this block PyTorch's normalisations (LayerNorm, RMSNorm, GroupNorm, batch and instance
+    norm: modules, functionals and operators), ``transformers``, this module's ``RMSNorm`` and the
+    ``extra`` targets raise. The tests of the exercise that asks you to write LayerNorm and RMSNorm
+    run your modules inside it.
+    """
+    import torch._dynamo  # noqa: F401  (what the first dispatch mode imports: not inside the watched block)
+
     message = ("PyTorch's LayerNorm and RMSNorm are switched off while this test runs: "
                "this exercise asks you to write them yourself")
-
-    def switched_off(*args, **kwargs):
-        raise AssertionError(f"{message} (F.layer_norm or F.rms_norm was called)")
-
-    saved = [(module, name, getattr(module, name)) for module in (F, torch) for name in ("layer_norm", "rms_norm")
-             if hasattr(module, name)]
-    for module, name, _ in saved:
-        setattr(module, name, switched_off)
-    try:
-        with checks.forbid_ops(["layer_norm", "rms_norm"], message):
-            yield
-    finally:
-        for module, name, original in saved:
-            setattr(module, name, original)
+    with checks.shortcuts_off(*NORM_SHORTCUTS, *extra, ops=NORM_OPS, message=message) as guard:
+        yield guard
