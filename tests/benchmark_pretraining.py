@@ -44,13 +44,7 @@ NANOGPT = {"seconds": "72-82", "tokens_per_second": "19,000-21,000", "val_loss":
 TARGET_VAL_LOSS = 1.90
 
 
-def get_batch(data, batch_size, block_size, generator=None):
-    """nanoGPT's sampler: independent uniform starts, inputs and the same windows shifted by one."""
-    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
-    x = torch.stack([data[s:s + block_size] for s in starts.tolist()])
-    y = torch.stack([data[s + 1:s + 1 + block_size] for s in starts.tolist()])
-    return x, y
-
+get_batch = pretraining.random_batch   # nanoGPT's sampler: independent uniform starts, targets shifted by one
 
 
 def one_run(train_ids, val_ids, vocab_size, iters, seed, threads):

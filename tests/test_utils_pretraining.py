@@ -17,10 +17,7 @@ from utils.transformer import GPT, GPTConfig
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def get_batch(data, batch_size, block_size, generator=None):
-    starts = torch.randint(0, len(data) - block_size, (batch_size,), generator=generator)
-    windows = torch.stack([data[s:s + block_size + 1] for s in starts.tolist()])
-    return windows[:, :-1], windows[:, 1:]
+get_batch = pretraining.random_batch
 
 
 def mask_tokens(ids, vocab_size, mask_id, mask_prob=0.15, generator=None):
@@ -202,16 +199,30 @@ def test_train_val_split_is_contiguous():
     assert torch.equal(train, torch.arange(90)) and torch.equal(val, torch.arange(90, 100))
 
 
+def test_random_batch_draws_every_window_shifted_by_one():
+    data = torch.arange(12)
+    generator = torch.Generator().manual_seed(0)
+    starts = collections.Counter()
+    for _ in range(200):
+        x, y = pretraining.random_batch(data, 4, 4, generator)
+        assert x.shape == y.shape == (4, 4) and torch.equal(y, x + 1)
+        assert torch.equal(x, x[:, :1] + torch.arange(4))
+        starts.update(x[:, 0].tolist())
+    assert sorted(starts) == list(range(8))
+
+
 @pytest.mark.parametrize("warmup,total", [(100, 2000), (0, 50), (3, 7)])
-def test_scheduler_is_warmup_then_cosine(warmup, total):
+def test_scheduler_is_warmup_then_cosine_then_holds_the_floor(warmup, total):
     import math
 
     config = pretraining.TrainConfig(max_iters=total, warmup_iters=warmup, learning_rate=1.0, min_lr=0.1)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     scheduler = pretraining.make_scheduler(optimizer, config)
-    for step in range(total + 1):
+    for step in range(2 * total + 10):   # past max_iters the rate stays at min_lr (a bare cosine climbs back)
         if step < warmup:
             expected = (step + 1) / (warmup + 1)
+        elif step > total:
+            expected = 0.1
         else:
             expected = 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
         assert optimizer.param_groups[0]["lr"] == pytest.approx(expected, abs=1e-12)
@@ -307,6 +318,50 @@ def test_compare_objectives_runs_and_reports_the_signal():
     assert len(pretraining.objectives_figure(result).data) == 4
     tokenizer = pretraining.CharTokenizer([" "] + [chr(97 + i) for i in range(11)])
     assert "Corrupted" in pretraining.electra_demo(result, tokenizer, "abcabcabc", mask_tokens).data
+
+
+def test_compare_objectives_scores_the_discriminator_with_the_given_loss():
+    data = torch.randint(0, 12, (2000,), generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    def electra_loss(disc_logits, corrupted, original):
+        seen.append((disc_logits.shape, corrupted.shape, original.shape))
+        labels = (corrupted != original).float()
+        return F.binary_cross_entropy_with_logits(disc_logits, labels)
+
+    def run(**kwargs):
+        return pretraining.compare_objectives(data, 12, get_batch, mask_tokens, steps=2, batch_size=4, block_size=16,
+                                              **kwargs)["losses"]["ELECTRA"]
+
+    assert run(electra_loss=electra_loss) == pytest.approx(run())
+    assert seen == [(torch.Size([4, 16]),) * 3] * 2
+
+
+def test_gpt2_split_is_the_tokenizers_librarys_gpt2_pattern():
+    from tokenizers import Regex, pre_tokenizers
+
+    library = pre_tokenizers.Split(Regex(pretraining.GPT2_SPLIT_PATTERN), behavior="isolated")
+    assert pretraining.gpt2_split("Hello world's 2024!!") == ["Hello", " world", "'s", " 2024", "!!"]
+    rng = random.Random(0)
+    alphabet = "ab Z9'_-!.\n\t  éü日🙂"
+    for _ in range(200):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30))) + rng.choice(["", "'ll", "'s"])
+        pieces = pretraining.gpt2_split(text)
+        assert "".join(pieces) == text
+        assert pieces == [piece for piece, _ in library.pre_tokenize_str(text)], repr(text)
+
+
+def test_split_special_tokens_cuts_them_out_whole():
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im"]
+    assert pretraining.split_special_tokens("hi<|endoftext|>yo", specials) == [
+        ("hi", False), ("<|endoftext|>", True), ("yo", False)]
+    assert pretraining.split_special_tokens("<|im_start|>user<|im", specials) == [
+        ("<|im_start|>", True), ("user", False), ("<|im", True)]
+    assert pretraining.split_special_tokens("", specials) == []
+    assert pretraining.split_special_tokens("plain", []) == [("plain", False)]
+    text = "a<|endoftext|><|endoftext|>b"
+    pieces = pretraining.split_special_tokens(text, specials)
+    assert "".join(p for p, _ in pieces) == text and [s for _, s in pieces] == [False, True, True, False]
 
 
 def test_tiny_encoder_causal_mask_hides_the_future():

