@@ -2,8 +2,9 @@
 
     .venv/bin/python tests/benchmark_parallelism.py
 
-Target: launching 4 ranks from a notebook takes <= 1 s. Also printed: what the simulator reproduces
-(the pipeline bubble) and a few modelled times. The notebook's run time and its autograding time are
+Target: launching 4 ranks from a notebook takes <= 1 s. Also printed: the network of this machine
+(alpha and beta fitted to measured gloo all-reduces), DDP's backward pass with small and with one
+big bucket (the overlap), what the simulator reproduces (the pipeline bubble) and modelled times. The notebook's run time and its autograding time are
 measured with every phase's by tests/benchmark.py. These are measurements to read, not assertions:
 timings depend on the machine and on what else runs on it.
 """
@@ -69,6 +70,19 @@ def main() -> None:
         pass
     print(f"  a deadlock with timeout=2 s ends after {time.perf_counter() - start_time:.2f} s")
 
+    print("\nThe network of this machine: gloo all-reduce between CPU processes, alpha and beta fitted")
+    sizes = [2**k for k in range(10, 25, 2)]
+    for world in (2, 4):
+        seconds = distributed.launch(parallelism.time_collective, world, "all_reduce", sizes, timeout=300)[0]
+        fitted = parallelism.fit_alpha_beta("all_reduce", sizes, seconds, world)
+        print(f"  {world} ranks: alpha = {fitted.alpha * 1e6:7.1f} us, beta = {fitted.bandwidth / 1e9:6.2f} GB/s "
+              f"(measured 1 KiB: {seconds[0] * 1e6:.0f} us, 16 MiB: {seconds[-1] * 1e3:.1f} ms)")
+
+    print("\nOverlap: DDP's backward + gradient averaging, 2 ranks, 8 layers of 512 x 512 (median of 5 steps, ms)")
+    for name, cap_mb in (("a bucket per layer (1 MiB)", 1.01), ("one bucket for the model", 1000.0)):
+        times = distributed.launch(_ddp_step_times, 2, cap_mb, timeout=300)[0]
+        print(f"  {name:28s} {statistics.median(times):7.1f}")
+
     print("\nPipeline simulator (p = 4 stages, m = 8 microbatches, backward = 2 x forward)")
     for name, schedule in (("GPipe", parallelism.gpipe_schedule), ("1F1B", one_f_one_b)):
         run = parallelism.simulate_pipeline(schedule, 4, 8)
@@ -83,6 +97,22 @@ def main() -> None:
                                zero_stage=1, global_batch=1536)
     print(f"  planner, 175B on 1024 GPUs (t=8, p=16, d={plan.data_parallel}): "
           f"{sum(plan.memory.values()) / 1e9:.1f} GB per GPU, {sum(plan.time.values()):.1f} s per step (modelled)")
+
+
+def _ddp_step_times(bucket_cap_mb: float, steps: int = 6) -> list[float]:
+    from torch.nn.parallel import DistributedDataParallel
+    torch.manual_seed(0)
+    model = DistributedDataParallel(torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(8)]),
+                                    bucket_cap_mb=bucket_cap_mb)
+    x = torch.randn(64, 512)
+    times = []
+    for _ in range(steps):
+        model.zero_grad()
+        loss = model(x).square().mean()
+        start = time.perf_counter()
+        loss.backward()          # DDP's hooks launch the buckets and wait for them before returning
+        times.append((time.perf_counter() - start) * 1e3)
+    return times[1:]
 
 
 def _deadlock():

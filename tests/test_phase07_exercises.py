@@ -8,10 +8,10 @@ from notebook_harness import SourceNotebook
 
 NB = SourceNotebook("solutions/07_parallelism/parallelism.ipynb")
 mutate = NB.mutate
-EXERCISES = ["ex1", "ex2", "ex3", "ex4", "ex5", "ex6"]
+EXERCISES = ["ex1", "ex2", "ex3", "ex4", "ex5", "ex6", "ex7"]
 
 
-def test_phase_has_the_six_exercises_in_order():
+def test_phase_has_the_seven_exercises_in_order():
     assert NB.exercises() == EXERCISES
 
 
@@ -203,6 +203,12 @@ def test_ex2_a_new_tensor_instead_of_in_place_loses_points():
     assert "in place" in outcome.errors["ex2_test_sum"]
 
 
+def test_ex2_the_built_in_all_reduce_earns_nothing_and_is_named():
+    outcome = NB.run("ex2", SHORTCUTS["ex2"]["dist.all_reduce"])
+    assert sum(outcome.earned.values()) == 0
+    assert "the collectives are switched off here" in outcome.errors["ex2_test_sum"]
+
+
 def test_ex2_blocking_sends_deadlock_and_fail_with_a_timeout():
     source = mutate("ex2", (
         "        request = dist.isend(chunks[send_index], dst=right)\n        dist.recv(incoming, src=left)\n"
@@ -266,86 +272,91 @@ def test_ex3_mistakes_lose_points(name):
 
 
 # ---------------------------------------------------------------------------------------------
-# Exercise 4: the sharded optimizer
+# Exercise 4: DDP's buckets, overlapped with the backward pass
 # ---------------------------------------------------------------------------------------------
 
-EX4_HEADER = NB.solution_source("ex4").split("    @torch.no_grad()\n    def step(self):")[0]
+EX4_HEADER = NB.solution_source("ex4").split("        ### BEGIN SOLUTION\n")[0]
 
 EX4_CORRECT = {
-    "list collectives and per-parameter slices": EX4_HEADER + '''
-    @torch.no_grad()
-    def step(self):
-        flat = torch.zeros(self.shard_size * self.world)
-        flat[:self.numel] = torch.cat([p.grad.flatten() for p in self.params])
-        grad_shard = torch.zeros(self.shard_size)
-        dist.reduce_scatter(grad_shard, list(flat.chunk(self.world)))
-        self.momentum_shard = self.momentum * self.momentum_shard + grad_shard / self.world
-        params = torch.zeros(self.shard_size * self.world)
-        params[:self.numel] = torch.cat([p.flatten() for p in self.params])
-        mine = params[self.start:self.start + self.shard_size] - self.lr * self.momentum_shard
-        shards = [torch.empty(self.shard_size) for _ in range(self.world)]
-        dist.all_gather(shards, mine)
-        full = torch.cat(shards)
-        offset = 0
-        for p in self.params:
-            p.data.copy_(full[offset:offset + p.numel()].reshape(p.shape))
-            offset += p.numel()
-''',
-    "a fp32 master shard kept next to the momentum": EX4_HEADER + '''
-    @torch.no_grad()
-    def step(self):
-        padded = self.shard_size * self.world
-        flat_params = torch.nn.functional.pad(torch.cat([p.reshape(-1) for p in self.params]),
-                                              (0, padded - self.numel))
-        if not hasattr(self, "master_shard"):
-            self.master_shard = flat_params[self.start:self.start + self.shard_size].clone()
-        flat_grad = torch.nn.functional.pad(torch.cat([p.grad.reshape(-1) for p in self.params]),
-                                            (0, padded - self.numel))
-        grad_shard = torch.empty(self.shard_size)
-        distributed.reduce_scatter_single(grad_shard, flat_grad.div(self.world))
-        self.momentum_shard.mul_(self.momentum).add_(grad_shard)
-        self.master_shard.sub_(self.lr * self.momentum_shard)
-        gathered = torch.empty(padded)
-        distributed.all_gather_single(gathered, self.master_shard)
-        for p, piece in zip(self.params, gathered[:self.numel].split([p.numel() for p in self.params])):
-            p.copy_(piece.view_as(p))
-''',
+    "a set of ready parameters, averages divided first, new .grad tensors": EX4_HEADER + """
+        self.ready_params, self.requests = set(), {}
+        for p in model.parameters():
+            p.register_post_accumulate_grad_hook(self._grad_ready)
+
+    def _grad_ready(self, p):
+        self.ready_params.add(p)
+        i = self.bucket_of[p]
+        if all(q in self.ready_params for q in self.buckets[i]):
+            flat = torch.cat([q.grad.flatten() for q in self.buckets[i]]) / self.world
+            self.requests[i] = (flat, dist.all_reduce(flat, async_op=True))
+
+    def finish(self):
+        for i, (flat, request) in self.requests.items():
+            request.get_future().wait()
+            for q, piece in zip(self.buckets[i], flat.split([q.numel() for q in self.buckets[i]])):
+                q.grad = piece.view_as(q).clone()
+        self.ready_params, self.requests = set(), {}
+""",
+    "torch's flatten helpers, a countdown per bucket": EX4_HEADER + """
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+        self.flatten, self.unflatten = _flatten_dense_tensors, _unflatten_dense_tensors
+        self.left = [len(b) for b in self.buckets]
+        self.works = []
+        for bucket in self.buckets:
+            for p in bucket:
+                p.register_post_accumulate_grad_hook(lambda p: self._grad_ready(p))
+
+    def _grad_ready(self, p):
+        i = self.bucket_of[p]
+        self.left[i] -= 1
+        if self.left[i] == 0:
+            flat = self.flatten([q.grad for q in self.buckets[i]])
+            self.works.append((self.buckets[i], flat, dist.all_reduce(flat, async_op=True)))
+
+    def finish(self):
+        while self.works:
+            bucket, flat, work = self.works.pop()
+            work.wait()
+            for q, average in zip(bucket, self.unflatten(flat / self.world, [q.grad for q in bucket])):
+                q.grad.copy_(average)
+        self.left = [len(b) for b in self.buckets]
+""",
 }
 
 EX4_WRONG = {
-    "gradients summed, not averaged": (("        grad_shard /= self.world\n", ""), "summed over the ranks, not averaged",
-                                       None),
-    "all-reduce instead of reduce-scatter": ((
-        "        grad_shard = torch.empty(self.shard_size, dtype=flat_grad.dtype)\n"
-        "        distributed.reduce_scatter_single(grad_shard, flat_grad)\n",
-        "        dist.all_reduce(flat_grad)\n"
-        "        grad_shard = flat_grad[self.start:self.start + self.shard_size].clone()\n"),
-        "ZeRO reduce-scatters the gradients", "ex4_test_sharded"),
-    "parameters not all-gathered": ((
-        "        distributed.all_gather_single(flat_params, new_shard)\n",
-        "        flat_params[self.start:self.start + self.shard_size] = new_shard\n"), None, "ex4_test_matches_sgd"),
-    "wrong shard": (("new_shard = flat_params[self.start:self.start + self.shard_size]",
-                     "new_shard = flat_params[self.start:self.start + self.shard_size].roll(1)"), None,
-                    "ex4_test_matches_sgd"),
+    "the all-reduce waits inside the hook": ((
+        "            self.pending.append((i, flat, dist.all_reduce(flat, async_op=True)))\n",
+        "            request = dist.all_reduce(flat, async_op=True)\n            request.wait()\n"
+        "            self.pending.append((i, flat, request))\n"),
+        "the all-reduces block the backward pass", "ex4_test_buckets_overlap"),
+    "all-reduces launched in finish": ((
+        "            self.pending.append((i, flat, dist.all_reduce(flat, async_op=True)))\n",
+        "            self.pending.append((i, flat, None))\n"), None, None),
+    "no division": (("            flat /= self.world\n", ""), "the sum over the ranks, not the average",
+                    "ex4_test_gradients"),
+    "counts not reset for the next backward pass": ((
+        "        self.pending, self.ready = [], [0] * len(self.buckets)\n", ""), None, "ex4_test_gradients"),
 }
 
-FULL_MOMENTUM = EX4_HEADER.replace(
-    "        self.momentum_shard = torch.zeros(self.shard_size, dtype=self.params[0].dtype)\n",
-    "        self.momentum_buffer = torch.zeros(self.shard_size * self.world)\n") + '''
-    @torch.no_grad()
-    def step(self):
-        flat_grad = torch.zeros(self.shard_size * self.world)
-        flat_grad[:self.numel] = torch.cat([p.grad.reshape(-1) for p in self.params])
-        grad_shard = torch.empty(self.shard_size)
-        distributed.reduce_scatter_single(grad_shard, flat_grad)
-        full_grad = torch.empty(self.shard_size * self.world)
-        distributed.all_gather_single(full_grad, grad_shard / self.world)
-        self.momentum_buffer.mul_(self.momentum).add_(full_grad)
-        offset = 0
-        for p in self.params:
-            p.sub_(self.lr * self.momentum_buffer[offset:offset + p.numel()].view_as(p))
-            offset += p.numel()
-'''
+LAUNCHED_IN_FINISH = NB.mutate("ex4", (
+    "            self.pending.append((i, flat, dist.all_reduce(flat, async_op=True)))\n",
+    "            self.pending.append((i, flat, None))\n"), (
+    "            request.wait()\n", "            dist.all_reduce(flat)\n"))
+
+ONE_PER_PARAMETER = EX4_HEADER + """
+        self.requests = []
+        for p in model.parameters():
+            p.register_post_accumulate_grad_hook(self._grad_ready)
+
+    def _grad_ready(self, p):
+        self.requests.append((p, dist.all_reduce(p.grad, async_op=True)))
+
+    def finish(self):
+        for p, request in self.requests:
+            request.wait()
+            p.grad /= self.world
+        self.requests = []
+"""
 
 
 @pytest.mark.parametrize("name", EX4_CORRECT)
@@ -356,21 +367,156 @@ def test_ex4_correct_alternatives_get_full_marks(name):
 @pytest.mark.parametrize("name", EX4_WRONG)
 def test_ex4_mistakes_lose_points(name):
     (old, new), message, cell = EX4_WRONG[name]
-    check_mistake("ex4", mutate("ex4", (old, new)), message, cell)
+    source = LAUNCHED_IN_FINISH if name == "all-reduces launched in finish" else mutate("ex4", (old, new))
+    check_mistake("ex4", source, message, cell)
 
 
-def test_ex4_a_full_size_momentum_loses_the_sharding_points():
-    outcome = NB.run("ex4", FULL_MOMENTUM)
-    assert outcome.earned["ex4_test_matches_sgd"] > 0, "the arithmetic is right"
-    assert outcome.earned["ex4_test_sharded"] == 0
-    assert "keep only this rank's shard" in outcome.errors["ex4_test_sharded"]
+def test_ex4_all_reduces_after_the_backward_pass_lose_the_overlap_points():
+    outcome = NB.run("ex4", LAUNCHED_IN_FINISH)
+    assert outcome.earned["ex4_test_gradients"] > 0, "the gradients are right"
+    assert outcome.earned["ex4_test_buckets_overlap"] == 0
+    assert "launch each bucket from the hook" in outcome.errors["ex4_test_buckets_overlap"]
+
+
+def test_ex4_one_all_reduce_per_parameter_loses_the_bucket_points():
+    outcome = NB.run("ex4", ONE_PER_PARAMETER)
+    assert outcome.earned["ex4_test_gradients"] > 0, "the gradients are right"
+    assert outcome.earned["ex4_test_buckets_overlap"] == 0
+    assert "one all-reduce per bucket" in outcome.errors["ex4_test_buckets_overlap"]
 
 
 # ---------------------------------------------------------------------------------------------
-# Exercise 5: the tensor-parallel MLP
+# Exercise 5: the sharded optimizer
 # ---------------------------------------------------------------------------------------------
+
+EX5_HEADER = NB.solution_source("ex5").split("    @torch.no_grad()\n    def step(self):")[0]
 
 EX5_CORRECT = {
+    "list collectives, addcdiv as torch.optim.Adam writes it, new tensors each step": EX5_HEADER + '''
+    @torch.no_grad()
+    def step(self):
+        flat = torch.zeros(self.shard_size * self.world)
+        flat[:self.numel] = torch.cat([p.grad.flatten() for p in self.params])
+        grad = torch.zeros(self.shard_size)
+        dist.reduce_scatter(grad, list(flat.chunk(self.world)))
+        grad = grad / self.world
+        b1, b2 = self.betas
+        self.steps += 1
+        self.exp_avg_shard = b1 * self.exp_avg_shard + (1 - b1) * grad
+        self.exp_avg_sq_shard = b2 * self.exp_avg_sq_shard + (1 - b2) * grad * grad
+        denom = self.exp_avg_sq_shard.sqrt() / math.sqrt(1 - b2 ** self.steps) + self.eps
+        params = torch.zeros(self.shard_size * self.world)
+        params[:self.numel] = torch.cat([p.flatten() for p in self.params])
+        mine = params[self.start:self.start + self.shard_size].addcdiv(
+            self.exp_avg_shard, denom, value=-self.lr / (1 - b1 ** self.steps))
+        shards = [torch.empty(self.shard_size) for _ in range(self.world)]
+        dist.all_gather(shards, mine)
+        full = torch.cat(shards)
+        offset = 0
+        for p in self.params:
+            p.data.copy_(full[offset:offset + p.numel()].reshape(p.shape))
+            offset += p.numel()
+''',
+    "a fp32 master shard kept next to the moments, lerp for the mean": EX5_HEADER + '''
+    @torch.no_grad()
+    def step(self):
+        padded = self.shard_size * self.world
+        flat_params = torch.nn.functional.pad(torch.cat([p.reshape(-1) for p in self.params]),
+                                              (0, padded - self.numel))
+        if not hasattr(self, "master_shard"):
+            self.master_shard = flat_params[self.start:self.start + self.shard_size].clone()
+        flat_grad = torch.nn.functional.pad(torch.cat([p.grad.reshape(-1) for p in self.params]),
+                                            (0, padded - self.numel))
+        grad = torch.empty(self.shard_size)
+        distributed.reduce_scatter_single(grad, flat_grad.div(self.world))
+        self.steps += 1
+        self.exp_avg_shard.lerp_(grad, 1 - self.betas[0])
+        self.exp_avg_sq_shard.lerp_(grad.square(), 1 - self.betas[1])
+        m_hat = self.exp_avg_shard / (1 - self.betas[0] ** self.steps)
+        v_hat = self.exp_avg_sq_shard / (1 - self.betas[1] ** self.steps)
+        self.master_shard -= self.lr * m_hat / (torch.sqrt(v_hat) + self.eps)
+        gathered = torch.empty(padded)
+        distributed.all_gather_single(gathered, self.master_shard)
+        for p, piece in zip(self.params, gathered[:self.numel].split([p.numel() for p in self.params])):
+            p.copy_(piece.view_as(p))
+''',
+}
+
+EX5_WRONG = {
+    "gradients summed, not averaged": (("        grad_shard /= self.world\n", ""), "summed over the ranks, not averaged",
+                                       None),
+    "all-reduce instead of reduce-scatter": ((
+        "        grad_shard = torch.empty(self.shard_size, dtype=flat_grad.dtype)\n"
+        "        distributed.reduce_scatter_single(grad_shard, flat_grad)\n",
+        "        dist.all_reduce(flat_grad)\n"
+        "        grad_shard = flat_grad[self.start:self.start + self.shard_size].clone()\n"),
+        "ZeRO reduce-scatters the gradients", "ex5_test_sharded"),
+    "parameters not all-gathered": ((
+        "        distributed.all_gather_single(flat_params, new_shard)\n",
+        "        flat_params[self.start:self.start + self.shard_size] = new_shard\n"), None, "ex5_test_matches_adam"),
+    "wrong shard": (("mine = flat_params[self.start:self.start + self.shard_size]",
+                     "mine = flat_params[self.start:self.start + self.shard_size].roll(1)"), None,
+                    "ex5_test_matches_adam"),
+    "no bias correction": (("        m_hat = self.exp_avg_shard / (1 - beta1 ** self.steps)\n"
+                            "        v_hat = self.exp_avg_sq_shard / (1 - beta2 ** self.steps)\n",
+                            "        m_hat, v_hat = self.exp_avg_shard, self.exp_avg_sq_shard\n"), None,
+                           "ex5_test_matches_adam"),
+    "betas swapped": (("beta1, beta2 = self.betas", "beta2, beta1 = self.betas"), None, "ex5_test_matches_adam"),
+    "eps inside the square root": (("v_hat.sqrt() + self.eps", "(v_hat + self.eps).sqrt()"), None,
+                                   "ex5_test_matches_adam"),
+    "the step counted after the update (bias corrections one step late)": (
+        ("        self.steps += 1\n", ""), None, "ex5_test_matches_adam"),
+}
+
+FULL_MOMENTS = EX5_HEADER.replace(
+    "        self.exp_avg_shard = torch.zeros(self.shard_size, dtype=dtype)      # m, for this rank's positions only\n",
+    "        self.exp_avg_shard = torch.zeros(self.shard_size * self.world, dtype=dtype)\n").replace(
+    "        self.exp_avg_sq_shard = torch.zeros(self.shard_size, dtype=dtype)   # v, likewise\n",
+    "        self.exp_avg_sq_shard = torch.zeros(self.shard_size * self.world, dtype=dtype)\n") + '''
+    @torch.no_grad()
+    def step(self):
+        flat_grad = torch.zeros(self.shard_size * self.world)
+        flat_grad[:self.numel] = torch.cat([p.grad.reshape(-1) for p in self.params])
+        grad_shard = torch.empty(self.shard_size)
+        distributed.reduce_scatter_single(grad_shard, flat_grad)
+        full_grad = torch.empty(self.shard_size * self.world)
+        distributed.all_gather_single(full_grad, grad_shard / self.world)
+        b1, b2 = self.betas
+        self.steps += 1
+        self.exp_avg_shard.mul_(b1).add_(full_grad, alpha=1 - b1)
+        self.exp_avg_sq_shard.mul_(b2).addcmul_(full_grad, full_grad, value=1 - b2)
+        update = (self.exp_avg_shard / (1 - b1 ** self.steps)) / (
+            (self.exp_avg_sq_shard / (1 - b2 ** self.steps)).sqrt() + self.eps)
+        offset = 0
+        for p in self.params:
+            p.sub_(self.lr * update[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+'''
+
+
+@pytest.mark.parametrize("name", EX5_CORRECT)
+def test_ex4_correct_alternatives_get_full_marks(name):
+    check_alternative("ex5", EX5_CORRECT[name])
+
+
+@pytest.mark.parametrize("name", EX5_WRONG)
+def test_ex4_mistakes_lose_points(name):
+    (old, new), message, cell = EX5_WRONG[name]
+    check_mistake("ex5", mutate("ex5", (old, new)), message, cell)
+
+
+def test_ex4_full_size_moments_lose_the_sharding_points():
+    outcome = NB.run("ex5", FULL_MOMENTS)
+    assert outcome.earned["ex5_test_matches_adam"] > 0, "the arithmetic is right"
+    assert outcome.earned["ex5_test_sharded"] == 0
+    assert "keep only this rank's shard" in outcome.errors["ex5_test_sharded"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Exercise 6: the tensor-parallel MLP
+# ---------------------------------------------------------------------------------------------
+
+EX6_CORRECT = {
     "clone in f, async all-reduce in g, chunk() for the slices": '''
 class CopyToTensorParallel(torch.autograd.Function):
     @staticmethod
@@ -457,46 +603,46 @@ class TensorParallelMLP(nn.Module):
 ''',
 }
 
-EX5_WRONG = {
+EX6_WRONG = {
     "no all-reduce after the row-parallel layer": ((
         "        return ReduceFromTensorParallel.apply(F.linear(hidden, self.fc2.weight)) + self.fc2.bias\n",
         "        return F.linear(hidden, self.fc2.weight) + self.fc2.bias\n"),
-        "the all-reduce after the row-parallel layer is missing", "ex5_test_forward"),
+        "the all-reduce after the row-parallel layer is missing", "ex6_test_forward"),
     "bias added before the all-reduce": ((
         "        return ReduceFromTensorParallel.apply(F.linear(hidden, self.fc2.weight)) + self.fc2.bias\n",
         "        return ReduceFromTensorParallel.apply(self.fc2(hidden))\n"),
-        "fc2's bias added on every rank before the all-reduce", "ex5_test_forward"),
+        "fc2's bias added on every rank before the all-reduce", "ex6_test_forward"),
     "f's backward all-reduce missing": ((
         "        grad = grad.clone()\n        dist.all_reduce(grad)\n        return grad\n",
-        "        return grad\n"), "f's backward all-reduce is missing", "ex5_test_backward"),
+        "        return grad\n"), "f's backward all-reduce is missing", "ex6_test_backward"),
     "an all-reduce in g's backward too": ((
         "    @staticmethod\n    def backward(ctx, grad):\n        ### BEGIN SOLUTION\n        return grad\n",
         "    @staticmethod\n    def backward(ctx, grad):\n        ### BEGIN SOLUTION\n        grad = grad.clone()\n"
         "        dist.all_reduce(grad)\n        return grad\n"),
-        "an all-reduce in g's backward too?", "ex5_test_backward"),
+        "an all-reduce in g's backward too?", "ex6_test_backward"),
     "fc1 split by input features": ((
         "        self.fc1 = nn.Linear(fc1.in_features, shard)\n",
         "        self.fc1 = nn.Linear(fc1.in_features // world, fc1.out_features)\n"),
-        None, "ex5_test_forward"),
+        None, "ex6_test_forward"),
 }
 
 
-@pytest.mark.parametrize("name", EX5_CORRECT)
+@pytest.mark.parametrize("name", EX6_CORRECT)
 def test_ex5_correct_alternatives_get_full_marks(name):
-    check_alternative("ex5", EX5_CORRECT[name])
+    check_alternative("ex6", EX6_CORRECT[name])
 
 
-@pytest.mark.parametrize("name", EX5_WRONG)
+@pytest.mark.parametrize("name", EX6_WRONG)
 def test_ex5_mistakes_lose_points(name):
-    (old, new), message, cell = EX5_WRONG[name]
-    check_mistake("ex5", mutate("ex5", (old, new)), message, cell)
+    (old, new), message, cell = EX6_WRONG[name]
+    check_mistake("ex6", mutate("ex6", (old, new)), message, cell)
 
 
 # ---------------------------------------------------------------------------------------------
-# Exercise 6: the 1F1B schedule
+# Exercise 7: the 1F1B schedule
 # ---------------------------------------------------------------------------------------------
 
-EX6_CORRECT = {
+EX7_CORRECT = {
     "backward first in the steady state, one more warm-up forward": '''
 def one_f_one_b(stage, n_stages, n_microbatches):
     warmup = min(n_stages - stage, n_microbatches)
@@ -521,40 +667,199 @@ def one_f_one_b(stage, n_stages, n_microbatches):
 ''',
 }
 
-EX6_WRONG = {
+EX7_WRONG = {
     "GPipe order": (("    warmup = min(n_stages - stage - 1, n_microbatches)\n",
-                     "    warmup = n_microbatches\n"), "(All forwards first is GPipe.)", "ex6_test_schedule"),
+                     "    warmup = n_microbatches\n"), "(All forwards first is GPipe.)", "ex7_test_schedule"),
     "one warm-up forward too many": (("    warmup = min(n_stages - stage - 1, n_microbatches)\n",
                                       "    warmup = min(n_stages - stage, n_microbatches)\n"),
-                                     "Too many warm-up forwards?", "ex6_test_schedule"),
+                                     "Too many warm-up forwards?", "ex7_test_schedule"),
     "one warm-up forward too few": (("    warmup = min(n_stages - stage - 1, n_microbatches)\n",
                                      "    warmup = max(min(n_stages - stage - 2, n_microbatches), 0)\n"),
-                                    "Too few warm-up forwards", "ex6_test_schedule"),
+                                    "Too few warm-up forwards", "ex7_test_schedule"),
     "warm-up not capped by the number of microbatches": (
         ("    warmup = min(n_stages - stage - 1, n_microbatches)\n", "    warmup = n_stages - stage - 1\n"),
-        None, "ex6_test_schedule"),
+        None, "ex7_test_schedule"),
     "cool-down backwards in reverse order": (
         ("    steps += [(\"B\", m) for m in range(next_backward, n_microbatches)]\n",
          "    steps += [(\"B\", m) for m in reversed(range(next_backward, n_microbatches))]\n"),
-        None, "ex6_test_schedule"),
+        None, "ex7_test_schedule"),
 }
 
 
-@pytest.mark.parametrize("name", EX6_CORRECT)
+@pytest.mark.parametrize("name", EX7_CORRECT)
 def test_ex6_correct_alternatives_get_full_marks(name):
-    check_alternative("ex6", EX6_CORRECT[name])
+    check_alternative("ex7", EX7_CORRECT[name])
 
 
-@pytest.mark.parametrize("name", EX6_WRONG)
+@pytest.mark.parametrize("name", EX7_WRONG)
 def test_ex6_mistakes_lose_points(name):
-    (old, new), message, cell = EX6_WRONG[name]
-    check_mistake("ex6", mutate("ex6", (old, new)), message, cell)
+    (old, new), message, cell = EX7_WRONG[name]
+    check_mistake("ex7", mutate("ex7", (old, new)), message, cell)
 
 
 def test_ex6_a_schedule_that_deadlocks_fails_fast_in_the_pipeline_test():
     """Stages numbered backwards: stage 0 waits for a backward before sending the forward its
     neighbour waits for. The simulator refuses it, so no rank hangs until the timeout."""
-    outcome = NB.run("ex6", mutate("ex6", ("    warmup = min(n_stages - stage - 1, n_microbatches)\n",
+    outcome = NB.run("ex7", mutate("ex7", ("    warmup = min(n_stages - stage - 1, n_microbatches)\n",
                                            "    warmup = min(stage, n_microbatches)\n")))
     assert sum(outcome.earned.values()) == 0
-    assert "cannot run: deadlock" in outcome.errors["ex6_test_pipeline"]
+    assert "cannot run: deadlock" in outcome.errors["ex7_test_pipeline"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Shortcuts: each scores 0 on every test cell of its exercise (tests/test_shortcuts_every_phase.py)
+# ---------------------------------------------------------------------------------------------
+
+SHORTCUTS = {
+    "ex1": {
+        "the course's per-category helper": """
+def model_state_bytes(n_params, world_size, zero_stage):
+    return sum(parallelism.model_state_categories(n_params, world_size, zero_stage).values())
+""",
+    },
+    "ex2": {
+        "dist.all_reduce": """
+def ring_all_reduce(tensor):
+    dist.all_reduce(tensor)
+    return tensor
+""",
+        "the course's reduce-scatter and all-gather": """
+def ring_all_reduce(tensor):
+    world = dist.get_world_size()
+    flat = tensor.reshape(-1)
+    size = -(-flat.numel() // world)
+    padded = torch.zeros(size * world, dtype=tensor.dtype)
+    padded[:flat.numel()] = flat
+    mine = torch.empty(size, dtype=tensor.dtype)
+    distributed.reduce_scatter_single(mine, padded)
+    distributed.all_gather_single(padded, mine)
+    tensor.copy_(padded[:flat.numel()].view_as(tensor))
+    return tensor
+""",
+    },
+    "ex3": {
+        "DDP's averaging all-reduce hook": """
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import _allreduce_fut
+
+def average_gradients(model):
+    for p in model.parameters():
+        if p.grad is not None:
+            _allreduce_fut(dist.group.WORLD, p.grad).wait()
+""",
+    },
+    "ex4": {
+        "DDP's averaging all-reduce hook": EX4_HEADER + """
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import _allreduce_fut
+        self.futures = []
+        for p in model.parameters():
+            p.register_post_accumulate_grad_hook(lambda p: self.futures.append(_allreduce_fut(None, p.grad)))
+
+    def _grad_ready(self, p):
+        pass
+
+    def finish(self):
+        for future in self.futures:
+            future.wait()
+        self.futures = []
+""",
+        "DistributedDataParallel itself": EX4_HEADER + """
+        from torch.nn.parallel import DistributedDataParallel
+        self.ddp = DistributedDataParallel(model, bucket_cap_mb=bucket_bytes / 2**20)
+
+    def _grad_ready(self, p):
+        pass
+
+    def finish(self):
+        pass
+""",
+    },
+    "ex5": {
+        "torch.optim.Adam on the shard": EX5_HEADER + """
+    @torch.no_grad()
+    def step(self):
+        if not hasattr(self, "shard"):
+            flat = torch.zeros(self.shard_size * self.world)
+            flat[:self.numel] = torch.cat([p.reshape(-1) for p in self.params])
+            self.shard = flat[self.start:self.start + self.shard_size].clone().requires_grad_(True)
+            self.inner = torch.optim.Adam([self.shard], lr=self.lr, betas=self.betas, eps=self.eps)
+        flat_grad = torch.zeros(self.shard_size * self.world)
+        flat_grad[:self.numel] = torch.cat([p.grad.reshape(-1) for p in self.params])
+        grad = torch.empty(self.shard_size)
+        distributed.reduce_scatter_single(grad, flat_grad)
+        self.shard.grad = grad / self.world
+        self.inner.step()
+        full = torch.empty(self.shard_size * self.world)
+        distributed.all_gather_single(full, self.shard.detach())
+        offset = 0
+        for p in self.params:
+            p.copy_(full[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+""",
+        "ZeroRedundancyOptimizer": """
+class ZeroAdam:
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8):
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+        self.params = list(params)
+        self.inner = ZeroRedundancyOptimizer(self.params, optimizer_class=torch.optim.Adam, lr=lr, betas=betas,
+                                             eps=eps)
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self):
+        for p in self.params:
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
+        self.inner.step()
+""",
+    },
+    "ex6": {
+        "parallelize_module with ColwiseParallel / RowwiseParallel": """
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+
+class CopyToTensorParallel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class ReduceFromTensorParallel(CopyToTensorParallel):
+    pass
+
+
+class TensorParallelMLP(nn.Module):
+    def __init__(self, fc1, fc2):
+        super().__init__()
+        self.fc1, self.fc2 = copy.deepcopy(fc1), copy.deepcopy(fc2)
+        parallelize_module(self, init_device_mesh("cpu", (dist.get_world_size(),)),
+                           {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()})
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+""",
+    },
+    "ex7": {
+        "the course's interleaved schedule with one chunk": """
+def one_f_one_b(stage, n_stages, n_microbatches):
+    return [(kind, m) for kind, m, _ in parallelism.interleaved_1f1b_schedule(stage, n_stages, n_microbatches, 1)]
+""",
+        "torch.distributed.pipelining's 1F1B order": """
+from torch.distributed.pipelining.schedules import _ComputationType, _get_1f1b_rank_ops
+
+def one_f_one_b(stage, n_stages, n_microbatches):
+    warmup = min(n_stages - stage - 1, n_microbatches)
+    ops = _get_1f1b_rank_ops(1, n_stages, warmup, n_microbatches - warmup, warmup, stage,
+                             lambda op: stage, lambda op: stage)
+    return [("F" if a.computation_type == _ComputationType.FORWARD else "B", a.microbatch_index)
+            for a in ops if a is not None]
+""",
+    },
+}

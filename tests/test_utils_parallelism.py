@@ -4,6 +4,7 @@ published formulas, and the figures and the planner build."""
 
 import copy
 import math
+import time
 
 import plotly.graph_objects as go
 import pytest
@@ -97,6 +98,8 @@ def test_memory_figure_stacks_categories_per_rank():
     fig = parallelism.memory_figure(reports)
     assert isinstance(fig, go.Figure) and len(fig.data) == 4
     assert list(fig.data[0].y) == [1.0, 1.0, 0.5, 0.5]
+    with_peaks = parallelism.memory_figure(reports, peaks={"DP": [5120, 5120], "ZeRO-3": [3072, 3072]})
+    assert len(with_peaks.data) == 5 and list(with_peaks.data[-1].y) == [5.0, 5.0, 3.0, 3.0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,9 +256,11 @@ def test_plan_3d_is_consistent_with_its_assumptions():
     plan = parallelism.plan_3d(zero_formula, **shape, gpus=1024, tensor_parallel=8, pipeline_parallel=16,
                                zero_stage=1, global_batch=1536)
     params = parallelism.gpt_parameters(shape["n_layers"], shape["hidden"])
+    embedding = (50257 + 2048) * shape["hidden"]
+    first_stage = math.ceil((params - embedding) / 16 / 8 + embedding / 8)   # 6 layers and the embeddings, over t
     assert plan.data_parallel == 8 and plan.n_microbatches == 192
     states = sum(plan.memory[k] for k in ("parameters", "gradients", "optimizer state"))
-    assert states == pytest.approx(zero_formula(math.ceil(params / 128), 8, 1))
+    assert states == pytest.approx(zero_formula(first_stage, 8, 1))
     assert plan.bubble == pytest.approx(15 / (192 + 15))
     assert plan.time["compute"] == pytest.approx(6 * params * 1536 * 2048 / (1024 * 989e12 * 0.5))
     assert plan.time["pipeline bubble"] == pytest.approx(plan.time["compute"] * 15 / 192)
@@ -269,6 +274,74 @@ def test_plan_3d_is_consistent_with_its_assumptions():
     assert impossible.data_parallel == 0 and "cannot be split" in impossible.notes[0]
 
 
+def test_plan_3d_splits_model_states_per_category_for_each_zero_stage():
+    """13B on 64 GPUs without TP or PP: ZeRO-1 shards only the 12 bytes of optimizer state."""
+    shape = parallelism.MODEL_SHAPES["13B (GPT-3)"]
+    psi = parallelism.gpt_parameters(shape["n_layers"], shape["hidden"])
+    expected = {0: (2, 2, 12), 1: (2, 2, 12 / 64), 2: (2, 2 / 64, 12 / 64), 3: (2 / 64, 2 / 64, 12 / 64)}
+    for stage, per_param in expected.items():
+        plan = parallelism.plan_3d(zero_formula, **shape, gpus=64, tensor_parallel=1, pipeline_parallel=1,
+                                   zero_stage=stage)
+        got = [plan.memory[k] for k in ("parameters", "gradients", "optimizer state")]
+        assert got == pytest.approx([b * psi for b in per_param], rel=1e-6), stage
+        assert not any("check exercise 1" in n for n in plan.notes)
+    assert parallelism.model_state_categories(7.5e9, 64, 1) == pytest.approx(
+        {"parameters": 15e9, "gradients": 15e9, "optimizer state": 90e9 / 64})
+    wrong = parallelism.plan_3d(lambda n, w, s: 16 * n, **shape, gpus=64, tensor_parallel=1, pipeline_parallel=1,
+                                zero_stage=3)
+    assert any("check exercise 1" in n for n in wrong.notes), "a wrong exercise 1 is pointed out"
+
+
+def test_175b_on_64_gpus_fits_only_with_zero3_and_full_recomputation():
+    shape = parallelism.MODEL_SHAPES["175B (GPT-3)"]
+
+    def total(stage, recompute):
+        plan = parallelism.plan_3d(zero_formula, **shape, gpus=64, tensor_parallel=1, pipeline_parallel=1,
+                                   zero_stage=stage, recompute=recompute)
+        return sum(plan.memory.values()), plan
+
+    for stage in range(3):
+        for recompute in ("none", "selective", "full"):
+            assert total(stage, recompute)[0] > 80e9
+    assert total(3, "selective")[0] > 80e9
+    fits, plan = total(3, "full")
+    assert 45e9 < fits < 52e9
+    assert any("ZeRO-3 communicates for each of the 8 microbatches" in n for n in plan.notes)
+
+
+def test_zero_2_and_3_pay_their_communication_per_microbatch():
+    shape = parallelism.MODEL_SHAPES["13B (GPT-3)"]
+
+    def dp_time(stage, global_batch):
+        return parallelism.plan_3d(zero_formula, **shape, gpus=64, tensor_parallel=4, pipeline_parallel=4,
+                                   zero_stage=stage, global_batch=global_batch).time["data-parallel comm."]
+
+    assert dp_time(0, 64) == dp_time(1, 64) == dp_time(1, 256)        # one all-reduce per step
+    assert dp_time(3, 256) == pytest.approx(4 * dp_time(3, 64), rel=1e-6)   # 4x the microbatches
+    assert dp_time(3, 64) == pytest.approx(16 * 1.5 * dp_time(1, 64), rel=0.05)  # d = 4, m = 16: 1.5 all-reduces each
+    assert dp_time(1, 64) < dp_time(2, 64) < dp_time(3, 64)
+
+
+def test_peak_memory_sees_what_exists_during_the_step_only():
+    model = nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 64))
+    x = torch.randn(8, 64)
+    params = sum(p.numel() for p in model.parameters()) * 4
+    with parallelism.PeakMemory(model, x) as peak:
+        hidden = model[1](model[0](x))
+        del hidden
+        big = torch.zeros(1000, 1000)
+        del big
+    assert peak.start == params + x.numel() * 4
+    assert peak.peak >= peak.start + 4_000_000, "the 4 MB temporary counts while it exists"
+    assert peak.end == peak.start, "freed tensors no longer count"
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with parallelism.PeakMemory(model, optimizer, x) as step:
+        model(x).sum().backward()
+        optimizer.step()
+    assert step.end >= step.start + 2 * params, "gradients and momentum stay"
+    assert step.peak >= step.end
+
+
 def test_planner_widget_builds_with_and_without_exercise_1():
     widget = parallelism.planner(zero_formula)
     summary = widget.children[1]
@@ -278,3 +351,74 @@ def test_planner_widget_builds_with_and_without_exercise_1():
         raise NotImplementedError()
 
     assert "Finish exercise 1" in parallelism.planner(unfinished).children[1].value
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring the network
+# ---------------------------------------------------------------------------------------------
+
+def test_fit_alpha_beta_recovers_the_model_it_fits():
+    link = parallelism.Interconnect("test", 30e-6, 2e9, "made up")
+    sizes = [2**k for k in range(10, 24, 2)]
+    for op, world in (("all_reduce", 2), ("all_reduce", 4), ("all_gather", 3)):
+        seconds = [parallelism.collective_time(op, n, world, link) for n in sizes]
+        fitted = parallelism.fit_alpha_beta(op, sizes, seconds, world)
+        assert fitted.alpha == pytest.approx(link.alpha, rel=1e-6)
+        assert fitted.bandwidth == pytest.approx(link.bandwidth, rel=1e-6)
+
+
+def test_fit_alpha_beta_keeps_both_terms_non_negative_on_noisy_times():
+    sizes = [1024, 4096, 16384, 65536]
+    flat = parallelism.fit_alpha_beta("all_reduce", sizes, [1e-3, 0.9e-3, 0.95e-3, 0.8e-3], 2)  # falls with size
+    assert flat.alpha > 0 and flat.bandwidth == math.inf
+    through_zero = parallelism.fit_alpha_beta("all_reduce", sizes, [n / 1e9 * 1.3 for n in sizes], 2)
+    assert through_zero.alpha >= 0 and through_zero.bandwidth == pytest.approx(1e9 / 1.3, rel=0.05)
+
+
+def test_time_collective_measures_every_size_on_every_rank():
+    sizes = [1024, 1 << 16]
+    for op in ("all_reduce", "all_gather", "reduce_scatter"):
+        results = distributed.launch(parallelism.time_collective, 2, op, sizes, kwargs={"repeats": 2}, timeout=60)
+        assert len(results) == 2 and all(len(r) == 2 and all(t > 0 for t in r) for r in results)
+        assert results[0] == results[1], "every rank reports the slowest rank's time"
+    with pytest.raises(distributed.RankError, match="cannot time"):
+        distributed.launch(parallelism.time_collective, 2, "broadcast", sizes, timeout=30)
+
+
+def test_comm_events_carry_the_moment_of_the_call_and_the_overlap_figure_builds():
+    def logged():
+        before = time.perf_counter()
+        with parallelism.CommLog() as log:
+            dist.all_reduce(torch.ones(4))
+        return before <= log.events[0].at <= time.perf_counter()
+
+    assert distributed.launch(logged, 2) == [True, True]
+    fig = parallelism.overlap_figure({"one bucket per layer": ([(1, 0.0, 1.0), (0, 1.0, 2.0)], [1.0, 2.0], 2.1, 2.5)})
+    assert len(fig.data) == 3 and list(fig.data[0].x) == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("p,m,v", [(4, 8, 2), (4, 16, 3), (2, 4, 4), (8, 16, 2)])
+def test_interleaved_1f1b_divides_the_bubble_by_the_number_of_chunks(p, m, v):
+    import functools
+    schedule = functools.partial(parallelism.interleaved_1f1b_schedule, chunks=v)
+    run = parallelism.simulate_pipeline(schedule, p, m, chunks=v)
+    plain = parallelism.simulate_pipeline(one_f_one_b, p, m)
+    assert run.bubble == pytest.approx(parallelism.bubble_formula(p, m, v), abs=1e-9)
+    assert run.bubble < plain.bubble and run.makespan < plain.makespan
+    assert run.peak_in_flight[0] / v > plain.peak_in_flight[0], "more activations in flight: the price"
+    assert all(len(step) == 3 for step in schedule(0, p, m))
+    assert "2 chunks" in parallelism.pipeline_gantt(
+        parallelism.simulate_pipeline(functools.partial(parallelism.interleaved_1f1b_schedule, chunks=2), 4, 8,
+                                      chunks=2)).layout.title.text
+    with pytest.raises(ValueError, match="multiple"):
+        parallelism.interleaved_1f1b_schedule(0, 4, 6)
+
+
+def test_a_chunked_schedule_that_cannot_run_is_refused():
+    def backwards_first(stage, n_stages, n_microbatches):   # chunk 1 before chunk 0: waits forever
+        return [(k, m, c) for c in (1, 0) for m in range(n_microbatches) for k in ("F", "B")]
+
+    with pytest.raises(parallelism.ScheduleError, match="deadlock"):
+        parallelism.simulate_pipeline(backwards_first, 2, 2, chunks=2)
+    with pytest.raises(parallelism.ScheduleError, match="for each of its 2 chunks"):
+        parallelism.simulate_pipeline(parallelism.gpipe_schedule, 2, 2, chunks=2)

@@ -37,6 +37,7 @@ from plotly.subplots import make_subplots
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import plots
+from .distributed import all_gather_single, reduce_scatter_single
 
 GiB = 2**30
 MiB = 2**20
@@ -150,9 +151,10 @@ def memory_report(model: torch.nn.Module | None = None, optimizer=None, *, param
 
 
 def memory_figure(reports: Mapping[str, Sequence[MemoryReport]], *, title: str = "Memory per device (measured)",
-                  unit: str = "KiB", height: int = 420) -> go.Figure:
+                  unit: str = "KiB", height: int = 420, peaks: Mapping[str, Sequence[float]] | None = None) -> go.Figure:
     """Stacked bars, one per rank, grouped by strategy: ``reports`` maps a strategy's name to
-    the list of its ranks' :class:`MemoryReport`."""
+    the list of its ranks' :class:`MemoryReport`. ``peaks`` (same keys, bytes per rank, e.g. from
+    :class:`PeakMemory`) adds a black mark per rank: the most memory held at once during the step."""
     scale = {"B": 1, "KiB": 1024, "MiB": MiB, "GiB": GiB}[unit]
     strategies = [name for name, ranks in reports.items() for _ in ranks]
     ranks = [f"rank {r}" for ranks_ in reports.values() for r in range(len(ranks_))]
@@ -161,6 +163,13 @@ def memory_figure(reports: Mapping[str, Sequence[MemoryReport]], *, title: str =
         values = [getattr(rep, category.replace(" ", "_")) / scale for reps in reports.values() for rep in reps]
         fig.add_trace(go.Bar(x=[strategies, ranks], y=values, name=category, marker_color=COLOURS[category],
                              hovertemplate=f"%{{x}}<br>{category}: %{{y:.1f}} {unit}<extra></extra>"))
+    if peaks:
+        fig.add_trace(go.Scatter(
+            x=[[name for name, ranks_ in peaks.items() for _ in ranks_],
+               [f"rank {r}" for ranks_ in peaks.values() for r in range(len(ranks_))]],
+            y=[v / scale for ranks_ in peaks.values() for v in ranks_], mode="markers", name="peak during the step",
+            marker=dict(symbol="line-ew-open", size=28, color="black", line=dict(width=3)),
+            hovertemplate=f"%{{x}}<br>peak: %{{y:.1f}} {unit}<extra></extra>"))
     fig.update_layout(barmode="stack", legend=dict(orientation="h", y=-0.25))
     fig.update_yaxes(title=unit)
     return plots.style(fig, title, height)
@@ -248,6 +257,69 @@ def count_parameters_on_meta(build: Callable[[], torch.nn.Module]) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def model_state_categories(n_params: float, world_size: int, zero_stage: int, *,
+                           bytes_per_param: Sequence[float] = (2, 2, 12)) -> dict[str, float]:
+    """Bytes of each kind of model state one device holds with ZeRO stage ``zero_stage`` on
+    ``world_size`` data-parallel devices: ``{"parameters", "gradients", "optimizer state"}``.
+    ``bytes_per_param`` defaults to mixed-precision Adam (2 + 2 + 12, Rajbhandari et al. 2020);
+    stage 1 shards the optimizer state, stage 2 the gradients too, stage 3 the parameters too."""
+    sharded_from = {"parameters": 3, "gradients": 2, "optimizer state": 1}
+    return {name: size * n_params / (world_size if zero_stage >= sharded_from[name] else 1)
+            for name, size in zip(sharded_from, bytes_per_param)}
+
+
+class PeakMemory(TorchDispatchMode):
+    """Measure the most memory a rank holds at once inside ``with PeakMemory(model, optimizer) as peak:``.
+
+    Every tensor an operator creates in the block counts from its creation until its memory is freed
+    (a block of memory counts once, however many tensors view it); the tensors of the objects passed
+    in (modules, optimizers, tensors, lists of them) count from the start. ``peak.peak`` is the
+    largest total seen, ``peak.start`` and ``peak.end`` the totals at both ends. It sees what
+    autograd saves for the backward pass, temporary buffers of collectives and optimizer state, at
+    the moment they exist -- unlike a report taken after the step. CPU and GPU alike; a measurement.
+    """
+
+    def __init__(self, *held):
+        super().__init__()
+        from torch.multiprocessing.reductions import StorageWeakRef
+        self._weak = StorageWeakRef
+        self._live: dict[int, tuple] = {}
+        self.current = self.peak = 0
+        for tensor in _tensors(list(held)):
+            self._track(_local(tensor))
+        self.start = self.peak = self.current
+        self.end = 0
+
+    def _track(self, tensor: torch.Tensor) -> None:
+        if tensor.device.type == "meta":
+            return
+        storage = tensor.untyped_storage()
+        nbytes = storage.nbytes()
+        if nbytes == 0:
+            return
+        # A freed block's address can be reused: forget the dead before looking the new one up.
+        for key in [k for k, (ref, _) in self._live.items() if ref.expired()]:
+            self.current -= self._live.pop(key)[1]
+        key = storage._cdata
+        if key not in self._live:
+            self._live[key] = (self._weak(storage), nbytes)
+            self.current += nbytes
+            self.peak = max(self.peak, self.current)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in (out if isinstance(out, (list, tuple)) else [out]):
+            if isinstance(tensor, torch.Tensor):
+                self._track(tensor)
+        return out
+
+    def __exit__(self, *exc):
+        for key in [k for k, (ref, _) in self._live.items() if ref.expired()]:
+            self.current -= self._live.pop(key)[1]
+        self.end = self.current
+        return super().__exit__(*exc)
+
+
 def gpt_parameters(n_layers: int, hidden: int, vocab: int = 50257, seq_len: int = 2048) -> int:
     """Parameters of a GPT-style decoder: ``12 L h^2`` in the layers (attention ``4h^2``, MLP
     ``8h^2``) plus biases and norms, the token and position embeddings (Narayanan et al. 2021, eq. 2)."""
@@ -263,11 +335,13 @@ class CommEvent:
     """One communication call: ``op`` (``all_reduce``, ``reduce_scatter``, ``all_gather``,
     ``broadcast``, ``send``, ``recv``, ``barrier``...), ``nbytes`` (the size of the whole buffer
     the collective works on -- for a reduce-scatter the unsharded input, for an all-gather the
-    gathered output, for send/recv the message) and ``group_size``."""
+    gathered output, for send/recv the message), ``group_size`` and ``at``, the moment of the call
+    (``time.perf_counter()`` seconds: when it was launched, not when it finished)."""
 
     op: str
     nbytes: int
     group_size: int
+    at: float = 0.0
 
 
 _OP_NAMES = {"allreduce_": "all_reduce", "allreduce_coalesced_": "all_reduce", "all_reduce": "all_reduce",
@@ -324,7 +398,7 @@ class CommLog(TorchDispatchMode):
             group = _group_size(args) or (dist.get_world_size() if dist.is_initialized() else 1)
             if namespace == "_c10d_functional":
                 group = next((a for a in args[1:] if isinstance(a, int) and a > 0), group)
-            self.events.append(CommEvent(op, self._size(op, name, args, group), group))
+            self.events.append(CommEvent(op, self._size(op, name, args, group), group, time.perf_counter()))
         return func(*args, **kwargs)
 
     @staticmethod
@@ -382,8 +456,8 @@ INTERCONNECTS = {
         "32 GB/s theoretical per direction, about 25 GB/s achievable; alpha assumed"),
     "InfiniBand NDR 400 Gb/s (between nodes)": Interconnect(
         "InfiniBand NDR", 5e-6, 50e9, "400 Gb/s = 50 GB/s per GPU and direction (one NIC per GPU); alpha assumed"),
-    "Ethernet 100 Gb/s": Interconnect(
-        "100 GbE", 20e-6, 12.5e9, "100 Gb/s = 12.5 GB/s per node; alpha assumed"),
+    "Ethernet 100 Gb/s (one NIC per GPU)": Interconnect(
+        "100 GbE", 20e-6, 12.5e9, "100 Gb/s = 12.5 GB/s per GPU and direction (a NIC per GPU); alpha assumed"),
 }
 
 
@@ -433,6 +507,59 @@ def modelled_time(events: Iterable[CommEvent], link: Interconnect) -> float:
     return sum(collective_time(e.op, e.nbytes, e.group_size, link) for e in events)
 
 
+def time_collective(op: str, sizes: Sequence[int], *, repeats: int = 5, dtype: torch.dtype = torch.float32) -> list[float]:
+    """Run by every rank: the **measured** seconds of one ``op`` (``"all_reduce"``, ``"all_gather"``,
+    ``"reduce_scatter"``) on a message of each size in bytes (the whole buffer, as in
+    :class:`CommEvent`), the median of ``repeats`` runs after one warm-up, each run started
+    together on every rank (a barrier) and ended by the slowest rank."""
+    world = dist.get_world_size()
+    element = torch.empty((), dtype=dtype).element_size()
+    times = []
+    for nbytes in sizes:
+        n = max(world, int(nbytes) // element // world * world)
+        full, shard = torch.ones(n, dtype=dtype), torch.ones(n // world, dtype=dtype)
+        runs = []
+        for i in range(repeats + 1):
+            dist.barrier()
+            start = time.perf_counter()
+            if op == "all_reduce":
+                dist.all_reduce(full)
+            elif op == "all_gather":
+                all_gather_single(full, shard)
+            elif op == "reduce_scatter":
+                reduce_scatter_single(shard, full)
+            else:
+                raise ValueError(f"cannot time {op!r}")
+            elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)   # the collective ends when the slowest rank is done
+            if i:
+                runs.append(float(elapsed))
+        times.append(sorted(runs)[len(runs) // 2])
+    return times
+
+
+def fit_alpha_beta(op: str, sizes: Sequence[float], seconds: Sequence[float], group_size: int) -> Interconnect:
+    """Least-squares fit of the alpha-beta model of :func:`collective_time` to measured times:
+    ``T = c_a alpha + c_b n / beta`` with the ring's counts (for an all-reduce ``c_a = 2 (N-1)``,
+    ``c_b = 2 (N-1)/N``). Returns an :class:`Interconnect` with the fitted ``alpha`` and bandwidth."""
+    big_n = group_size
+    c_alpha, c_beta = {"all_reduce": (2 * (big_n - 1), 2 * (big_n - 1) / big_n)}.get(
+        op, (big_n - 1, (big_n - 1) / big_n))
+    design = torch.tensor([[c_alpha, c_beta * n] for n in sizes], dtype=torch.float64)
+    target = torch.tensor(list(seconds), dtype=torch.float64)
+    # Relative errors matter (times span decades): weight each row by 1 / its time.
+    weights = 1 / target
+    a, b = design * weights[:, None], target * weights
+    alpha, inverse_bandwidth = (float(v) for v in torch.linalg.lstsq(a, b).solution)
+    if alpha < 0 or inverse_bandwidth < 0:
+        # Noisy times (a loaded machine) can make one term negative: keep it at zero, fit the other alone.
+        column = 1 if alpha < 0 else 0
+        value = float((a[:, column] @ b) / (a[:, column] @ a[:, column]))
+        alpha, inverse_bandwidth = (0.0, value) if column == 1 else (value, 0.0)
+    return Interconnect("fitted", alpha, 1 / inverse_bandwidth if inverse_bandwidth > 0 else math.inf,
+                        f"fitted to {len(sizes)} measured {op} times on {group_size} ranks")
+
+
 def comm_time_figure(logs: Mapping[str, Sequence[CommEvent]], *, links: Mapping[str, Interconnect] | None = None,
                      scale_bytes: float = 1.0, title: str | None = None) -> go.Figure:
     """Grouped bars: the modelled communication time of each strategy's events (one rank, one
@@ -449,6 +576,31 @@ def comm_time_figure(logs: Mapping[str, Sequence[CommEvent]], *, links: Mapping[
     fig.update_layout(barmode="group", legend=dict(orientation="h", y=-0.2))
     return plots.style(fig, title or "Modelled communication time per step (alpha-beta model, assumptions above)",
                         420)
+
+
+def overlap_figure(runs: Mapping[str, tuple], *, title: str | None = None) -> go.Figure:
+    """A measured timeline of backward passes and the all-reduces launched during them, one row pair
+    per run: ``runs`` maps a name to ``(spans, launches, backward_end, end)`` in milliseconds --
+    ``spans`` the ``(layer, start, end)`` of each layer's backward, ``launches`` the moments
+    all-reduces were launched, ``backward_end`` when ``loss.backward()`` returned and ``end`` when
+    the gradients were averaged (the wait after the backward pass is the communication not hidden)."""
+    fig = go.Figure()
+    for name, (spans, launches, backward_end, end) in runs.items():
+        fig.add_trace(go.Bar(base=[a for _, a, _ in spans], x=[b - a for _, a, b in spans],
+                             y=[f"{name}: backward"] * len(spans), orientation="h", marker_color=COLOURS["B"],
+                             text=[f"layer {i}" for i, _, _ in spans], textposition="inside", showlegend=False,
+                             hovertemplate="%{text}: %{base:.2f} ms + %{x:.2f} ms<extra></extra>"))
+        fig.add_trace(go.Bar(base=[backward_end], x=[max(end - backward_end, 0.0)], y=[f"{name}: waiting"],
+                             orientation="h", marker_color="#E45756", showlegend=False,
+                             hovertemplate="waiting for the all-reduces: %{x:.2f} ms<extra></extra>"))
+        fig.add_trace(go.Scatter(x=list(launches), y=[f"{name}: backward"] * len(launches), mode="markers",
+                                 marker=dict(symbol="triangle-down", size=12, color="black"), showlegend=False,
+                                 hovertemplate="all-reduce launched at %{x:.2f} ms<extra></extra>"))
+    fig.update_xaxes(title="time since the backward pass began (ms, measured on this CPU)")
+    fig.update_yaxes(autorange="reversed")
+    fig.update_layout(barmode="overlay", bargap=0.3)
+    return plots.style(fig, title or "Backward pass (orange), all-reduces launched (triangles), waiting after it (red)",
+                       140 + 60 * len(runs))
 
 
 def ring_allreduce_figure(world_size: int = 4) -> go.Figure:
@@ -515,11 +667,35 @@ def gpipe_schedule(stage: int, n_stages: int, n_microbatches: int) -> Schedule:
     return [("F", m) for m in range(n_microbatches)] + [("B", m) for m in reversed(range(n_microbatches))]
 
 
+def interleaved_1f1b_schedule(stage: int, n_stages: int, n_microbatches: int, chunks: int = 2) -> Schedule:
+    """Interleaved 1F1B (Narayanan et al. 2021, section 2.2): device ``stage`` holds ``chunks`` model
+    chunks, virtual stages ``stage, stage + p, stage + 2p, ...``; steps are ``(kind, microbatch,
+    chunk)``. Microbatches go through in groups of ``p`` (chunk 0 for the group, then chunk 1, ...;
+    backwards from the last chunk); ``2 (p - stage - 1) + (chunks - 1) p`` warm-up forwards, then one
+    forward, one backward. Needs ``n_microbatches`` to be a multiple of ``n_stages``, as Megatron-LM
+    does. Play it with ``simulate_pipeline(..., chunks=chunks)``."""
+    p, m, v = n_stages, n_microbatches, chunks
+    if m % p:
+        raise ValueError(f"interleaved 1F1B needs the microbatches ({m}) to be a multiple of the stages ({p})")
+
+    def step(kind: str, k: int) -> tuple:
+        chunk = (k % (p * v)) // p
+        return kind, (k // (p * v)) * p + k % p, chunk if kind == "F" else v - 1 - chunk
+
+    total = m * v
+    warmup = min((p - stage - 1) * 2 + (v - 1) * p if v > 1 else p - stage - 1, total)
+    steps = [step("F", k) for k in range(warmup)]
+    for i in range(total - warmup):
+        steps += [step("F", warmup + i), step("B", i)]
+    return steps + [step("B", k) for k in range(total - warmup, total)]
+
+
 @dataclass
 class PipelineRun:
-    """A simulated schedule: ``events`` as ``(stage, kind, microbatch, start, end)``, the
-    ``makespan``, the ``bubble`` fraction (idle share of stage-time) and, per stage, the most
-    microbatches whose activations were held at once (``peak_in_flight``)."""
+    """A simulated schedule: ``events`` as ``(stage, kind, microbatch, start, end)`` (with chunks, the
+    microbatch is written ``"m:c"``), the ``makespan``, the ``bubble`` fraction (idle share of
+    stage-time) and, per stage, the most microbatches (chunk-microbatches with ``chunks``) whose
+    activations were held at once (``peak_in_flight``)."""
 
     events: list
     makespan: float
@@ -527,36 +703,42 @@ class PipelineRun:
     peak_in_flight: list
     n_stages: int
     n_microbatches: int
+    n_chunks: int = 1
 
 
-def _check_schedule(schedule, stage: int, n_microbatches: int) -> list:
-    steps = [(str(kind).upper(), int(m)) for kind, m in schedule]
-    expected = sorted([("F", m) for m in range(n_microbatches)] + [("B", m) for m in range(n_microbatches)])
+def _check_schedule(schedule, stage: int, n_microbatches: int, chunks: int = 1) -> list:
+    steps = [(str(step[0]).upper(), int(step[1]), int(step[2]) if len(step) > 2 else 0) for step in schedule]
+    expected = sorted((kind, m, c) for c in range(chunks) for m in range(n_microbatches) for kind in ("F", "B"))
     if sorted(steps) != expected:
-        missing = sorted(set(expected) - set(steps))
-        extra = [s for s in steps if steps.count(s) > 1 or s not in expected]
+        name = (lambda st: st[:2]) if chunks == 1 else (lambda st: st)
+        missing = [name(st) for st in sorted(set(expected) - set(steps))]
+        extra = [name(st) for st in steps if steps.count(st) > 1 or st not in expected]
         raise ScheduleError(f"stage {stage} must do F and B of each of the {n_microbatches} microbatches exactly "
-                            f"once; missing {missing[:4]}, repeated or unknown {sorted(set(extra))[:4]}")
+                            f"once{'' if chunks == 1 else f' for each of its {chunks} chunks'}; missing {missing[:4]}, "
+                            f"repeated or unknown {sorted(set(extra))[:4]}")
     done = set()
-    for kind, m in steps:
-        if kind == "B" and ("F", m) not in done:
+    for kind, m, c in steps:
+        if kind == "B" and ("F", m, c) not in done:
             raise ScheduleError(f"stage {stage} runs B{m} before F{m}: a backward needs its forward's activations")
-        done.add((kind, m))
+        done.add((kind, m, c))
     return steps
 
 
 def simulate_pipeline(schedule_fn: Callable[[int, int, int], Schedule], n_stages: int, n_microbatches: int, *,
-                      t_forward: float = 1.0, t_backward: float = 2.0, t_comm: float = 0.0) -> PipelineRun:
+                      t_forward: float = 1.0, t_backward: float = 2.0, t_comm: float = 0.0,
+                      chunks: int = 1) -> PipelineRun:
     """Play ``schedule_fn(stage, n_stages, n_microbatches)`` on ``n_stages`` simulated devices.
 
     Each stage runs its steps in its order, one at a time. F of microbatch m on stage s waits for
     F m on stage s-1 (plus ``t_comm``); B m on stage s waits for B m on stage s+1. Times are in
-    units of your choice (a modelled time, not a measurement). Raises :class:`ScheduleError` for a
-    schedule that cannot run.
+    units of your choice (a modelled time, not a measurement). With ``chunks = v > 1`` each device
+    holds v model chunks (steps ``(kind, m, chunk)``, see :func:`interleaved_1f1b_schedule`): chunk
+    c of device s is virtual stage ``c p + s``, and a step takes ``1/v`` of the time. Raises
+    :class:`ScheduleError` for a schedule that cannot run.
     """
-    p, m = n_stages, n_microbatches
-    lists = [_check_schedule(schedule_fn(s, p, m), s, m) for s in range(p)]
-    duration = {"F": t_forward, "B": t_backward}
+    p, m, v = n_stages, n_microbatches, chunks
+    lists = [_check_schedule(schedule_fn(s, p, m), s, m, v) for s in range(p)]
+    duration = {"F": t_forward / v, "B": t_backward / v}
     finished: dict[tuple, float] = {}
     position = [0] * p
     free_at = [0.0] * p
@@ -565,9 +747,10 @@ def simulate_pipeline(schedule_fn: Callable[[int, int, int], Schedule], n_stages
         progressed = False
         for s in range(p):
             while position[s] < len(lists[s]):
-                kind, mb = lists[s][position[s]]
-                dependency = (s - 1, "F", mb) if kind == "F" else (s + 1, "B", mb)
-                if not 0 <= dependency[0] < p:
+                kind, mb, c = lists[s][position[s]]
+                virtual = c * p + s + (-1 if kind == "F" else 1)
+                dependency = (virtual % p, kind, mb, virtual // p)
+                if not 0 <= virtual < p * v:
                     ready = 0.0
                 elif dependency in finished:
                     ready = finished[dependency] + t_comm
@@ -575,13 +758,14 @@ def simulate_pipeline(schedule_fn: Callable[[int, int, int], Schedule], n_stages
                     break
                 start = max(free_at[s], ready)
                 end = start + duration[kind]
-                finished[(s, kind, mb)] = end
+                finished[(s, kind, mb, c)] = end
                 free_at[s] = end
-                events.append((s, kind, mb, start, end))
+                events.append((s, kind, mb if v == 1 else f"{mb}:{c}", start, end))
                 position[s] += 1
                 progressed = True
         if not progressed:
             waits = [f"stage {s} waits to run {lists[s][position[s]][0]}{lists[s][position[s]][1]}"
+                     + ("" if v == 1 else f" (chunk {lists[s][position[s]][2]})")
                      for s in range(p) if position[s] < len(lists[s])]
             raise ScheduleError("deadlock: every stage waits for another; " + "; ".join(waits))
     makespan = max(e[4] for e in events)
@@ -589,17 +773,18 @@ def simulate_pipeline(schedule_fn: Callable[[int, int, int], Schedule], n_stages
     peaks = []
     for s in range(p):
         held = peak = 0
-        for kind, _ in lists[s]:
+        for kind, *_ in lists[s]:
             held += 1 if kind == "F" else -1
             peak = max(peak, held)
         peaks.append(peak)
-    return PipelineRun(events, makespan, 1 - busy / (p * makespan), peaks, p, m)
+    return PipelineRun(events, makespan, 1 - busy / (p * makespan), peaks, p, m, v)
 
 
-def bubble_formula(n_stages: int, n_microbatches: int) -> float:
+def bubble_formula(n_stages: int, n_microbatches: int, chunks: int = 1) -> float:
     """The idle share of a GPipe or 1F1B pipeline with equal stages and free communication:
-    ``(p - 1) / (m + p - 1)`` (Huang et al. 2019; Narayanan et al. 2021)."""
-    return (n_stages - 1) / (n_microbatches + n_stages - 1)
+    ``(p - 1) / (m + p - 1)`` (Huang et al. 2019; Narayanan et al. 2021). With ``chunks = v``
+    (interleaved 1F1B) the bubble's time is divided by v: ``(p - 1) / (v m + p - 1)``."""
+    return (n_stages - 1) / (chunks * n_microbatches + n_stages - 1)
 
 
 def pipeline_gantt(run: PipelineRun, *, title: str | None = None, time_unit: str = "forward steps",
@@ -619,8 +804,10 @@ def pipeline_gantt(run: PipelineRun, *, title: str | None = None, time_unit: str
                      categoryarray=[f"stage {s}" for s in range(run.n_stages)])
     fig.update_xaxes(title=f"time ({time_unit})", range=[0, run.makespan * 1.01])
     fig.update_layout(barmode="overlay", bargap=0.25, legend=dict(orientation="h", y=-0.25))
-    default = (f"p = {run.n_stages} stages, m = {run.n_microbatches} microbatches: bubble {run.bubble:.3f} "
-               f"(formula (p-1)/(m+p-1) = {bubble_formula(run.n_stages, run.n_microbatches):.3f}); "
+    p, m, v = run.n_stages, run.n_microbatches, run.n_chunks
+    formula = (f"formula (p-1)/(m+p-1) = {bubble_formula(p, m):.3f}" if v == 1 else
+               f"{v} chunks per device, formula (p-1)/(vm+p-1) = {bubble_formula(p, m, v):.3f}")
+    default = (f"p = {p} stages, m = {m} microbatches: bubble {run.bubble:.3f} ({formula}); "
                f"activations held at most: {run.peak_in_flight}")
     return plots.style(fig, title or default, height or 120 + 45 * run.n_stages)
 
@@ -730,24 +917,36 @@ class Plan:
     notes: list
 
 
-def plan_3d(memory_fn: Callable[[int, int, int], float], *, n_layers: int, hidden: int, heads: int, gpus: int,
-            tensor_parallel: int, pipeline_parallel: int, zero_stage: int = 1, micro_batch: int = 1,
+def plan_3d(memory_fn: Callable[[int, int, int], float] | None, *, n_layers: int, hidden: int, heads: int,
+            gpus: int, tensor_parallel: int, pipeline_parallel: int, zero_stage: int = 1, micro_batch: int = 1,
             global_batch: int = 512, seq_len: int = 2048, recompute: str = "selective", vocab: int = 50257,
             mfu: float = 0.5, gpu: GPU | None = None) -> Plan:
     """Memory per device and modelled step time of a GPT-style model trained with tensor (``t``),
     pipeline (``p``) and data parallelism (``d = gpus / (t p)``) -- a model with stated assumptions:
 
-    * model states: ``memory_fn(params_per_device, d, zero_stage)`` (your exercise 1) for the
-      ``params / (t p)`` parameters one device owns before data-parallel sharding;
-    * activations: :func:`activation_bytes_per_layer` (with sequence parallelism) for the
-      ``L / p`` layers of a stage, times the ``p`` microbatches the first stage of a 1F1B
-      pipeline holds (Korthikanti et al. 2022);
+    * parameters on the busiest device, the first pipeline stage: its ``L / p`` layers divided over
+      the ``t`` tensor-parallel ranks, plus the token and position embeddings divided over ``t``
+      (the last stage holds a tied copy for the output layer; the middle stages hold none);
+    * model states per category for mixed-precision Adam (2 + 2 + 12 bytes per parameter), each
+      divided by ``d`` only if the ZeRO stage shards it (:func:`model_state_categories`);
+      ``memory_fn(params_per_device, d, zero_stage)`` (your exercise 1) must agree with their sum,
+      else a note says so;
+    * activations: :func:`activation_bytes_per_layer` (with sequence parallelism when ``t > 1``)
+      for the ``L / p`` layers of the first stage, times the ``min(p, m)`` microbatches a 1F1B
+      pipeline holds there (Korthikanti et al. 2022); with full recomputation only each layer's
+      input is kept (the one layer being recomputed is not counted);
     * compute: ``6 N tokens`` FLOPs per step (8 with full recomputation) at ``mfu`` of the peak;
-      the pipeline adds its bubble, ``(p-1)/m`` of the compute;
+      the bubble adds ``(p-1)/m`` of that compute time (bubble time over ideal compute; as a share
+      of the whole step it is ``(p-1)/(m+p-1)``, ``Plan.bubble``);
     * communication, not overlapped with compute: tensor parallelism all-reduces the activations
-      4 times per layer and microbatch (on NVLink when ``t`` fits in a node); data parallelism
-      all-reduces the gradients (ZeRO-3 adds one all-gather of parameters: 1.5x); pipeline stages
-      send activations and gradients. Links from ``gpu``; alpha-beta model.
+      4 times per layer and microbatch (on NVLink when ``t`` fits in a node); pipeline stages send
+      activations and gradients; data parallelism all-reduces the bf16 gradients once per step
+      (ZeRO 0 and 1). ZeRO-2 and 3 cannot keep whole gradients (or parameters) between the ``m``
+      microbatches of a step (gradient accumulation, or a pipeline): ZeRO-2 reduce-scatters each
+      microbatch's gradients and all-gathers the parameters once, ZeRO-3 all-gathers the parameters
+      twice (forward and backward) and reduce-scatters the gradients for every microbatch -- the
+      reason DeepSpeed refuses ZeRO-2/3 with pipeline parallelism. Links from ``gpu``; alpha-beta
+      model.
     """
     gpu = gpu or GPU()
     t, p = tensor_parallel, pipeline_parallel
@@ -757,26 +956,26 @@ def plan_3d(memory_fn: Callable[[int, int, int], float], *, n_layers: int, hidde
         return Plan({}, {}, 0, 0, 0.0, [f"{gpus} GPUs cannot be split into TP {t} x PP {p} x DP: "
                                         "TP x PP must divide the number of GPUs."])
     params = gpt_parameters(n_layers, hidden, vocab, seq_len)
+    embedding = (vocab + seq_len) * hidden
     if n_layers % p:
         notes.append(f"{n_layers} layers do not split evenly into {p} stages (rounded up).")
     if heads % t:
         notes.append(f"{heads} heads do not split evenly over TP = {t}.")
-    per_device = math.ceil(params / (t * p))
-    states = memory_fn(per_device, d, zero_stage)
-    states = float(states)
-    # Bytes per parameter in each category for mixed-precision Adam (ZeRO paper, section 3.1).
-    split = {"parameters": 2, "gradients": 2, "optimizer state": 12}
-    unsharded = 16 * per_device
     layers_per_stage = math.ceil(n_layers / p)
+    per_device = math.ceil((params - embedding) * layers_per_stage / n_layers / t + embedding / t)
+    memory = model_state_categories(per_device, d, zero_stage)
+    if memory_fn is not None:
+        yours = float(memory_fn(per_device, d, zero_stage))
+        if not math.isclose(yours, sum(memory.values()), rel_tol=1e-3):
+            notes.append(f"your model_state_bytes gives {yours / 1e9:.1f} GB for these {per_device / 1e9:.2f} B "
+                         f"parameters, the categories add up to {sum(memory.values()) / 1e9:.1f} GB: check exercise 1.")
     n_micro = max(1, global_batch // (micro_batch * d))
     if global_batch % (micro_batch * d):
         notes.append(f"global batch {global_batch} is not a multiple of micro-batch x DP = {micro_batch * d}.")
     in_flight = min(p, n_micro)
-    activations = activation_bytes_per_layer(seq_len, micro_batch, hidden, heads, tensor_parallel=t,
-                                             sequence_parallel=t > 1, recompute=recompute) * layers_per_stage * in_flight
-    # Share the model states between categories in proportion of the unsharded split.
-    memory = {k: states * v / 16 for k, v in split.items()} if unsharded else {k: 0.0 for k in split}
-    memory["activations"] = activations
+    memory["activations"] = activation_bytes_per_layer(
+        seq_len, micro_batch, hidden, heads, tensor_parallel=t, sequence_parallel=t > 1,
+        recompute=recompute) * layers_per_stage * in_flight
     total = sum(memory.values())
     if total > gpu.memory_bytes:
         notes.append(f"does NOT fit: {total / 1e9:.0f} GB per device > {gpu.memory_bytes / 1e9:.0f} GB.")
@@ -790,7 +989,16 @@ def plan_3d(memory_fn: Callable[[int, int, int], float], *, n_layers: int, hidde
     act_bytes = 2 * micro_batch * seq_len * hidden
     tp_time = 4 * layers_per_stage * n_micro * collective_time("all_reduce", act_bytes, t, tp_link) if t > 1 else 0.0
     grad_bytes = 2 * per_device
-    dp_time = collective_time("all_reduce", grad_bytes, d, dp_link) * (1.5 if zero_stage == 3 else 1.0) if d > 1 else 0.0
+    all_reduce = collective_time("all_reduce", grad_bytes, d, dp_link)
+    gather = collective_time("all_gather", grad_bytes, d, dp_link)
+    scatter = collective_time("reduce_scatter", grad_bytes, d, dp_link)
+    dp_time = {0: all_reduce, 1: all_reduce, 2: n_micro * scatter + gather,
+               3: n_micro * (2 * gather + scatter)}[zero_stage] if d > 1 else 0.0
+    if zero_stage >= 2 and d > 1 and n_micro > 1:
+        notes.append(f"ZeRO-{zero_stage} communicates for each of the {n_micro} microbatches of a step "
+                     f"({'a pipeline' if p > 1 else 'gradient accumulation'}): "
+                     f"{dp_time / all_reduce:.1f}x the time of data parallelism's one all-reduce "
+                     "(DeepSpeed refuses ZeRO-2/3 with pipeline parallelism for this reason).")
     pp_time = 2 * n_micro * collective_time("send", act_bytes / t, 2, pp_link) if p > 1 else 0.0
     times = {"compute": compute,
              "pipeline bubble": compute * (p - 1) / n_micro if p > 1 else 0.0,
@@ -872,5 +1080,6 @@ def planner(memory_fn: Callable[[int, int, int], float], gpu: GPU | None = None)
     assumptions = widgets.HTML(
         f"<small>Modelled, not measured: {gpu.name}, {gpu.peak_flops / 1e12:.0f} TFLOP/s peak at 50% utilisation; "
         f"{gpu.gpus_per_node} GPUs per node on {gpu.intra_node.name}, nodes joined by {gpu.inter_node.name}; "
-        "no overlap of communication and compute; embeddings counted on every stage.</small>")
+        "no overlap of communication and compute; memory of the first pipeline stage (its layers and the "
+        "embeddings, divided over the tensor-parallel ranks).</small>")
     return widgets.VBox([controls, summary, figure.widget, assumptions])
