@@ -66,3 +66,7 @@ grades: setup
 benchmark: setup
 	$(BIN)/python tests/benchmark.py
 	$(BIN)/python tests/benchmark_parallelism.py
+	$(BIN)/python tests/benchmark_scaling.py
+	$(BIN)/python tests/benchmark_quantization.py
+	$(BIN)/python tests/benchmark_rlhf.py
+	$(BIN)/python tests/benchmark_sft.py

@@ -20,14 +20,18 @@ from test_autograde_roundtrip import course_copy, instructor
 PHASES = [p for p in layout.available_phases() if p != "01_attention"]
 
 
+def notebooks_of(phase):
+    """The notebook file names of a phase (most phases have one; Phase 8 has two)."""
+    return [path.name for path in sorted((layout.SOURCE / phase).glob("*.ipynb"))]
+
+
 def notebook_of(phase):
-    [path] = sorted((layout.SOURCE / phase).glob("*.ipynb"))
-    return path.name
+    return notebooks_of(phase)[0]
 
 
-def solved(phase):
+def solved(phase, name=None):
     """The released notebook with every solution cell replaced by the reference solution."""
-    name = notebook_of(phase)
+    name = name or notebook_of(phase)
     source = SourceNotebook(f"solutions/{phase}/{name}")
     nb = nbformat.read(layout.RELEASE / phase / name, as_version=4)
     for cell in nb.cells:
@@ -42,11 +46,11 @@ def graded(tmp_path_factory):
     root = course_copy(tmp_path_factory.mktemp("phases"))
     inbox = root.parent / "inbox"
     for phase in PHASES:
-        name = notebook_of(phase)
-        for student, nb in (("solver", solved(phase)),
-                            ("starter", nbformat.read(layout.RELEASE / phase / name, as_version=4))):
-            (inbox / phase / student).mkdir(parents=True)
-            nbformat.write(nb, inbox / phase / student / name)
+        for name in notebooks_of(phase):
+            for student, nb in (("solver", solved(phase, name)),
+                                ("starter", nbformat.read(layout.RELEASE / phase / name, as_version=4))):
+                (inbox / phase / student).mkdir(parents=True, exist_ok=True)
+                nbformat.write(nb, inbox / phase / student / name)
         result = instructor(root, "collect", str(inbox / phase), "--phase", phase)
         assert result.returncode == 0, result.stdout + result.stderr
     logs = {step: instructor(root, step) for step in ("autograde", "feedback")}
@@ -54,9 +58,14 @@ def graded(tmp_path_factory):
 
 
 def grades(root, phase, student):
+    """Every auto-graded cell's (score, max score), over all the notebooks of the phase."""
     with Gradebook(f"sqlite:///{root / 'autograde' / 'gradebook.db'}") as gb:
-        nb = gb.find_submission_notebook(notebook_of(phase).removesuffix(".ipynb"), phase, student)
-        return {g.name: (g.score, g.max_score) for g in nb.grades}
+        out = {}
+        for name in notebooks_of(phase):
+            nb = gb.find_submission_notebook(name.removesuffix(".ipynb"), phase, student)
+            # Written answers wait for a person: only the test cells are the autograder's.
+            out.update({f"{name}:{g.name}": (g.score, g.max_score) for g in nb.grades if g.cell_type == "code"})
+        return out
 
 
 @pytest.mark.parametrize("phase", PHASES)
@@ -73,23 +82,25 @@ def test_untouched_release_runs_to_the_end_and_earns_nothing(graded, phase):
     root, _ = graded
     got = grades(root, phase, "starter")
     assert got and all(score == 0 for score, _ in got.values()), got
-    nb = nbformat.read(root / "autograde" / "autograded" / "starter" / phase / notebook_of(phase), as_version=4)
-    assert all(c.execution_count for c in nb.cells if c.cell_type == "code"), "grading stopped early"
+    for name in notebooks_of(phase):
+        nb = nbformat.read(root / "autograde" / "autograded" / "starter" / phase / name, as_version=4)
+        assert all(c.execution_count for c in nb.cells if c.cell_type == "code"), f"grading of {name} stopped early"
 
 
 @pytest.mark.parametrize("phase", PHASES)
 def test_feedback_hides_the_hidden_tests(graded, phase):
     root, logs = graded
     assert logs["feedback"].returncode == 0, logs["feedback"].stdout + logs["feedback"].stderr
-    source = nbformat.read(layout.SOURCE / phase / notebook_of(phase), as_version=4)
-    released = nbformat.writes(nbformat.read(layout.RELEASE / phase / notebook_of(phase), as_version=4))
-    hidden = set()
-    for cell in source.cells:
-        for region in re.findall(r"### BEGIN HIDDEN TESTS(.*?)### END HIDDEN TESTS", cell.source, re.S):
-            hidden |= {line.strip() for line in region.splitlines() if len(line.strip()) > 12}
-    hidden = {line for line in hidden if line not in released}
-    page = (root / "autograde" / "feedback" / "starter" / phase / notebook_of(phase).replace(".ipynb", ".html"))
-    page = re.sub(r"<(style|script)[^>]*>.*?</\1>", "", page.read_text(), flags=re.S)
-    text = html.unescape(re.sub(r"<[^>]+>", "", page))
-    leaked = [line for line in hidden if line in text]
-    assert not leaked, f"hidden tests of {phase} leak into feedback: {leaked[:3]}"
+    for name in notebooks_of(phase):
+        source = nbformat.read(layout.SOURCE / phase / name, as_version=4)
+        released = nbformat.writes(nbformat.read(layout.RELEASE / phase / name, as_version=4))
+        hidden = set()
+        for cell in source.cells:
+            for region in re.findall(r"### BEGIN HIDDEN TESTS(.*?)### END HIDDEN TESTS", cell.source, re.S):
+                hidden |= {line.strip() for line in region.splitlines() if len(line.strip()) > 12}
+        hidden = {line for line in hidden if line not in released}
+        page = (root / "autograde" / "feedback" / "starter" / phase / name.replace(".ipynb", ".html"))
+        page = re.sub(r"<(style|script)[^>]*>.*?</\1>", "", page.read_text(), flags=re.S)
+        text = html.unescape(re.sub(r"<[^>]+>", "", page))
+        leaked = [line for line in hidden if line in text]
+        assert not leaked, f"hidden tests of {phase}/{name} leak into feedback: {leaked[:3]}"
