@@ -221,7 +221,8 @@ def batch(tmp_path_factory):
     repo_before = tree_hash(layout.ROOT / "utils", layout.ROOT / "solutions", layout.ROOT / "course")
     assert instructor(root, "collect", str(inbox), "--phase", PHASE).returncode == 0
     (root / "autograde" / "submitted" / "utils_beside" / PHASE / "utils.py").write_text(FAKE_UTILS)
-    graded = instructor(root, "autograde", "--timeout", "20", "--memory-gb", "6")
+    # About thirty submissions, two at a time: more than the default 15 minutes on a busy machine.
+    graded = instructor(root, "autograde", "--timeout", "20", "--memory-gb", "6", timeout=2400)
     feedback = instructor(root, "feedback")
     export = instructor(root, "export", "--to", str(root / "grades.csv"))
     repo_after = tree_hash(layout.ROOT / "utils", layout.ROOT / "solutions", layout.ROOT / "course")

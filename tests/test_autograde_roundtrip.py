@@ -100,9 +100,9 @@ def course_copy(tmp: Path) -> Path:
     return root
 
 
-def instructor(root, *args):
+def instructor(root, *args, timeout=900):
     return subprocess.run([sys.executable, "-m", "autograde", *args], cwd=root,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
