@@ -53,7 +53,8 @@ def graded(tmp_path_factory):
                 nbformat.write(nb, inbox / phase / student / name)
         result = instructor(root, "collect", str(inbox / phase), "--phase", phase)
         assert result.returncode == 0, result.stdout + result.stderr
-    logs = {step: instructor(root, step) for step in ("autograde", "feedback")}
+    # Seven phases, two students each, two at a time: more than the default 15 minutes on 2 cores.
+    logs = {step: instructor(root, step, timeout=3000) for step in ("autograde", "feedback")}
     return root, logs
 
 
