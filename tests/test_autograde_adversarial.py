@@ -289,7 +289,10 @@ def test_no_hidden_test_in_any_feedback(batch):
 
 def test_verifier_overrides_show_as_failures_in_feedback(batch):
     root, *_ = batch
-    assert record(root, "monkeypatch")["overrides"] and record(root, "transformer")["overrides"]
+    # The patched checks now fail under nbgrader too (the hardened tests use their own references), so
+    # the verifier has nothing left to lower there; the input transformer still fools nbgrader alone.
+    assert record(root, "monkeypatch")["overrides"] or total(root, "monkeypatch") == 0
+    assert record(root, "transformer")["overrides"]
     assert "This test did not pass" in feedback_text(root, "transformer")
 
 
