@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import plots, runtime
+from . import plots
 
 # ---------------------------------------------------------------------------
 # KV-cache memory
