@@ -32,7 +32,13 @@ ATTRIBUTES = {
     "_disable_current_modes": "switches off PyTorch dispatch modes", "addaudithook": "audit hooks",
     "__torch_function__": "a tensor subclass that answers PyTorch calls itself",
     "__torch_dispatch__": "a tensor subclass that answers PyTorch calls itself",
+    # Raw memory: an array built over an address (id() gives one) can rewrite any object of the
+    # process, the one route around an in-process judge that no hook sees.
+    "__array_interface__": "raw memory (an array over an address)", "__array_struct__": "raw memory",
+    "ctypeslib": "raw memory (numpy.ctypeslib)", "from_file": "raw memory (a tensor over a file or /proc)",
 }
+# Names whose mere definition (a method or class attribute) deserves a look.
+DEFINED = ("a tensor subclass", "raw memory")
 # Private machinery whose import alone deserves a look (module paths, at any depth).
 PRIVATE_MODULES = {"_C": "PyTorch internals (torch._C)", "_python_dispatch": "PyTorch dispatch internals",
                    "_dynamo": None}
@@ -42,6 +48,7 @@ MODULES = {
     "requests": "network", "http": "network", "signal": "signals", "shutil": "file access",
     "pathlib": None, "builtins": "builtins", "threading": "threads", "multiprocessing": "processes",
     "pickle": "pickle", "marshal": "marshal", "types": None, "glob": "file access", "io": None,
+    "mmap": "raw memory (mmap)",
 }
 HARMLESS_MAGICS = ("time", "timeit", "matplotlib", "prun", "debug", "who", "whos", "pdb")
 WORDS = ("solutions", "gradebook", "autograde", ".ipynb", "/etc/", "../")
@@ -106,10 +113,12 @@ def _scan(tree: ast.AST, modules: set[str]) -> list[str]:
                 found.append("getattr with a computed name")
         elif isinstance(node, ast.Attribute) and ATTRIBUTES.get(node.attr):
             found.append(f"uses .{node.attr} ({ATTRIBUTES[node.attr]})")
-        elif isinstance(node, ast.FunctionDef) and ATTRIBUTES.get(node.name, "").startswith("a tensor subclass"):
+        elif isinstance(node, ast.FunctionDef) and ATTRIBUTES.get(node.name, "").startswith(DEFINED):
             found.append(f"defines {node.name} ({ATTRIBUTES[node.name]})")
         elif isinstance(node, ast.Name) and node.id in ("__builtins__", "__loader__", "__spec__"):
             found.append(f"uses {node.id}")
+        elif isinstance(node, ast.Name) and ATTRIBUTES.get(node.id, "").startswith(DEFINED):
+            found.append(f"defines {node.id} ({ATTRIBUTES[node.id]})")
         elif isinstance(node, ast.Constant) and isinstance(node.value, str):
             word = next((w for w in WORDS if w in node.value), None)
             if word and len(node.value) < 300:
