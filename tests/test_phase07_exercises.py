@@ -8,10 +8,10 @@ from notebook_harness import SourceNotebook
 
 NB = SourceNotebook("solutions/07_parallelism/parallelism.ipynb")
 mutate = NB.mutate
-EXERCISES = ["ex1", "ex2", "ex3", "ex4", "ex5", "ex6", "ex7"]
+EXERCISES = ["ex1", "ex2", "ex3", "ex4", "ex5", "ex6", "ex7", "ex8"]
 
 
-def test_phase_has_the_seven_exercises_in_order():
+def test_phase_has_the_eight_exercises_in_order():
     assert NB.exercises() == EXERCISES
 
 
@@ -495,17 +495,17 @@ FULL_MOMENTS = EX5_HEADER.replace(
 
 
 @pytest.mark.parametrize("name", EX5_CORRECT)
-def test_ex4_correct_alternatives_get_full_marks(name):
+def test_ex5_correct_alternatives_get_full_marks(name):
     check_alternative("ex5", EX5_CORRECT[name])
 
 
 @pytest.mark.parametrize("name", EX5_WRONG)
-def test_ex4_mistakes_lose_points(name):
+def test_ex5_mistakes_lose_points(name):
     (old, new), message, cell = EX5_WRONG[name]
     check_mistake("ex5", mutate("ex5", (old, new)), message, cell)
 
 
-def test_ex4_full_size_moments_lose_the_sharding_points():
+def test_ex5_full_size_moments_lose_the_sharding_points():
     outcome = NB.run("ex5", FULL_MOMENTS)
     assert outcome.earned["ex5_test_matches_adam"] > 0, "the arithmetic is right"
     assert outcome.earned["ex5_test_sharded"] == 0
@@ -628,12 +628,12 @@ EX6_WRONG = {
 
 
 @pytest.mark.parametrize("name", EX6_CORRECT)
-def test_ex5_correct_alternatives_get_full_marks(name):
+def test_ex6_correct_alternatives_get_full_marks(name):
     check_alternative("ex6", EX6_CORRECT[name])
 
 
 @pytest.mark.parametrize("name", EX6_WRONG)
-def test_ex5_mistakes_lose_points(name):
+def test_ex6_mistakes_lose_points(name):
     (old, new), message, cell = EX6_WRONG[name]
     check_mistake("ex6", mutate("ex6", (old, new)), message, cell)
 
@@ -687,17 +687,17 @@ EX7_WRONG = {
 
 
 @pytest.mark.parametrize("name", EX7_CORRECT)
-def test_ex6_correct_alternatives_get_full_marks(name):
+def test_ex7_correct_alternatives_get_full_marks(name):
     check_alternative("ex7", EX7_CORRECT[name])
 
 
 @pytest.mark.parametrize("name", EX7_WRONG)
-def test_ex6_mistakes_lose_points(name):
+def test_ex7_mistakes_lose_points(name):
     (old, new), message, cell = EX7_WRONG[name]
     check_mistake("ex7", mutate("ex7", (old, new)), message, cell)
 
 
-def test_ex6_a_schedule_that_deadlocks_fails_fast_in_the_pipeline_test():
+def test_ex7_a_schedule_that_deadlocks_fails_fast_in_the_pipeline_test():
     """Stages numbered backwards: stage 0 waits for a backward before sending the forward its
     neighbour waits for. The simulator refuses it, so no rank hangs until the timeout."""
     outcome = NB.run("ex7", mutate("ex7", ("    warmup = min(n_stages - stage - 1, n_microbatches)\n",
@@ -707,12 +707,81 @@ def test_ex6_a_schedule_that_deadlocks_fails_fast_in_the_pipeline_test():
 
 
 # ---------------------------------------------------------------------------------------------
+# Exercise 8: the ZB-H1 schedule (backward split into B and W)
+# ---------------------------------------------------------------------------------------------
+
+EX8_CORRECT = {
+    "a queue of postponed weight gradients": '''
+def zero_bubble_h1(stage, n_stages, n_microbatches):
+    forwards = list(range(n_microbatches))
+    steps = [("F", forwards.pop(0)) for _ in range(min(n_stages - stage - 1, n_microbatches))]
+    pending = []
+    for m in range(n_microbatches):
+        if forwards:
+            steps.append(("F", forwards.pop(0)))
+        steps.append(("B", m))
+        pending.append(m)
+        if len(pending) > stage:
+            steps.append(("W", pending.pop(0)))
+    return steps + [("W", m) for m in pending]
+''',
+    "1F1B's order first, then a W inserted after the right B": '''
+def zero_bubble_h1(stage, n_stages, n_microbatches):
+    warmup = min(n_stages - stage - 1, n_microbatches)
+    order = [("F", m) for m in range(warmup)]
+    for m in range(warmup, n_microbatches):
+        order += [("F", m), ("B", m - warmup)]
+    order += [("B", m) for m in range(n_microbatches - warmup, n_microbatches)]
+    steps = []
+    for kind, m in order:
+        steps.append((kind, m))
+        if kind == "B" and m - stage >= 0:
+            steps.append(("W", m - stage))
+    done = {m for kind, m in steps if kind == "W"}
+    return steps + [("W", m) for m in range(n_microbatches) if m not in done]
+''',
+}
+
+EX8_WRONG = {
+    "every W right after its B": ([("        if m >= stage:", "        if m >= 0:")],
+                                  "postpone some W on the later stages"),
+    "W postponed on the early stages instead of the late ones": (
+        [("        if m >= stage:", "        if m >= n_stages - stage - 1:")], "Too many weight gradients postponed?"),
+    "one W too many postponed": ([("        if m >= stage:", "        if m >= stage + 1:")],
+                                 "Too many weight gradients postponed?"),
+    "one W too few postponed": ([("        if m >= stage:", "        if m >= max(stage - 1, 0):")],
+                                "ZB-H1 idles at most"),
+    "every W at the end": ([("        if m >= stage:", "        if False:")], "Too many weight gradients postponed?"),
+    "no W at all (the backward not split)": (
+        [("            steps.append((\"W\", next_weight))\n", ""),
+         ("    steps += [(\"W\", m) for m in range(next_weight, n_microbatches)]\n", "")], "runs no ('W', m) step"),
+}
+
+
+@pytest.mark.parametrize("name", EX8_CORRECT)
+def test_ex8_correct_alternatives_get_full_marks(name):
+    check_alternative("ex8", EX8_CORRECT[name])
+
+
+@pytest.mark.parametrize("name", EX8_WRONG)
+def test_ex8_mistakes_lose_points(name):
+    replacements, message = EX8_WRONG[name]
+    check_mistake("ex8", mutate("ex8", *replacements), message)
+
+
+# ---------------------------------------------------------------------------------------------
 # Shortcuts: each scores 0 on every test cell of its exercise (tests/test_shortcuts_every_phase.py)
 # ---------------------------------------------------------------------------------------------
 
 SHORTCUTS = {
     "ex1": {
         "the course's per-category helper": """
+def model_state_bytes(n_params, world_size, zero_stage):
+    return sum(memory_accounting.model_state_categories(n_params, world_size, zero_stage).values())
+""",
+        "the same helper under its old module name": """
+from utils import parallelism
+
 def model_state_bytes(n_params, world_size, zero_stage):
     return sum(parallelism.model_state_categories(n_params, world_size, zero_stage).values())
 """,
@@ -849,7 +918,11 @@ class TensorParallelMLP(nn.Module):
     "ex7": {
         "the course's interleaved schedule with one chunk": """
 def one_f_one_b(stage, n_stages, n_microbatches):
-    return [(kind, m) for kind, m, _ in parallelism.interleaved_1f1b_schedule(stage, n_stages, n_microbatches, 1)]
+    return [(kind, m) for kind, m, _ in pipeline.interleaved_1f1b_schedule(stage, n_stages, n_microbatches, 1)]
+""",
+        "the course's zero-bubble schedule without its W steps": """
+def one_f_one_b(stage, n_stages, n_microbatches):
+    return [step for step in pipeline.zero_bubble_h1_schedule(stage, n_stages, n_microbatches) if step[0] != "W"]
 """,
         "torch.distributed.pipelining's 1F1B order": """
 from torch.distributed.pipelining.schedules import _ComputationType, _get_1f1b_rank_ops
@@ -860,6 +933,25 @@ def one_f_one_b(stage, n_stages, n_microbatches):
                              lambda op: stage, lambda op: stage)
     return [("F" if a.computation_type == _ComputationType.FORWARD else "B", a.microbatch_index)
             for a in ops if a is not None]
+""",
+    },
+    "ex8": {
+        "the course's ZB-H1 schedule": """
+def zero_bubble_h1(stage, n_stages, n_microbatches):
+    return pipeline.zero_bubble_h1_schedule(stage, n_stages, n_microbatches)
+""",
+        "the course's ZB-H1 under the old module name": """
+from utils import parallelism
+
+def zero_bubble_h1(stage, n_stages, n_microbatches):
+    return list(parallelism.zero_bubble_h1_schedule(stage, n_stages, n_microbatches))
+""",
+        "the course's interleaved 1F1B with a W after every B": """
+def zero_bubble_h1(stage, n_stages, n_microbatches):
+    steps = []
+    for kind, m, _ in pipeline.interleaved_1f1b_schedule(stage, n_stages, n_microbatches, 1):
+        steps += [(kind, m), ("W", m)] if kind == "B" else [(kind, m)]
+    return steps
 """,
     },
 }
