@@ -6,7 +6,10 @@
 Targets (issue 16), printed, not asserted:
 * int8 weight-only (per channel) within 1 % of the fp32 perplexity at about 4x less weight memory;
   int4 group-wise within 5 %. The table: format, bits per weight, memory, perplexity.
-* speculative decoding: measured tokens per target call against (1 - a^(g+1)) / (1 - a), and the speed-up.
+* weight-only int8 kernels: fp32 matmul, the course's dequantize-then-matmul and PyTorch's fused
+  torch._weight_int8pack_mm; torchao's Int8WeightOnlyConfig against the course's int8 when torchao is installed.
+* speculative decoding, with and without KV caches: measured alpha, tokens per target call against
+  (1 - a^(g+1)) / (1 - a), the cost ratio c, the speed-up predicted by Leviathan et al. and the measured one.
 * each of the two solution notebooks end to end in <= 5 minutes on 2 CPU cores (autograding time is
   measured for every phase by tests/benchmark.py).
 Timings depend on the machine and on what else runs on it: the first line says how busy it was.
@@ -50,6 +53,28 @@ def formats(model, tokenizer) -> None:
           f"{'met' if int4['perplexity'] / fp32['perplexity'] - 1 <= 0.05 else 'MISSED'}")
 
 
+def kernels() -> None:
+    print(f"\nWeight-only int8 matmul, one CPU thread, median ms ({quantization.cpu_description()}):")
+    if not quantization.weight_int8pack_available():
+        print(f"torch {torch.__version__} has no CPU torch._weight_int8pack_mm")
+    rows = quantization.int8_matmul_timings(((1, 512, 128), (64, 512, 128), (1, 4096, 4096), (16, 4096, 4096)),
+                                            repeats=5)
+    for r in rows:
+        print("  " + "; ".join(f"{k} {v}" for k, v in r.items()))
+
+
+def library(model, tokenizer) -> None:
+    print("\ntorchao's weight-only int8 against the course's (block linear layers, 64 windows):")
+    if not quantization.torchao_available():
+        print("torchao is not installed: skipped (pip install torchao to run it)")
+        return
+    start = time.perf_counter()
+    result = quantization.torchao_comparison(model, quantization.evaluation_windows(tokenizer, n_windows=64))
+    for r in result["rows"]:
+        print("  " + "; ".join(f"{k} {v}" for k, v in r.items()))
+    print(f"  {result['summary']} ({time.perf_counter() - start:.0f} s with the import)")
+
+
 def speculative(model, tokenizer) -> None:
     ids = sft.pretraining_ids("train")
     config = GPTConfig(vocab_size=model.config.vocab_size, block_size=model.config.block_size,
@@ -57,16 +82,21 @@ def speculative(model, tokenizer) -> None:
     start = time.perf_counter()
     draft, _ = inference.train_student(model, config, ids, steps=250, temperature=2.0, soft_weight=0.9)
     print(f"\nSpeculative decoding (draft: {draft.num_parameters():,} parameters, distilled for 250 steps in "
-          f"{time.perf_counter() - start:.0f} s; target {model.num_parameters():,}):")
+          f"{time.perf_counter() - start:.0f} s; target {model.num_parameters():,}); {quantization.cpu_description()}")
     prompt = torch.tensor([tokenizer.encode("ROMEO:\n")])
-    n_new = 300
-    base = inference.autoregressive_generate(model, prompt, n_new)
-    print(f"target alone: {n_new / base.seconds:.0f} tokens/s")
-    for gamma in (1, 2, 4, 6):
-        run = inference.speculative_generate(model, draft, prompt, n_new, gamma=gamma)
-        alpha = sum(run.alphas) / len(run.alphas)
-        print(f"gamma={gamma}: alpha {alpha:.3f}, tokens per target call {n_new / run.target_calls:.2f} "
-              f"(formula {inference.expected_tokens_per_step(alpha, gamma):.2f}), speed-up {base.seconds / run.seconds:.2f}x")
+    for use_cache, n_sequences in ((True, 16), (False, 8)):
+        start = time.perf_counter()
+        result = inference.speculative_comparison(model, draft, prompt, n_sequences=n_sequences, use_cache=use_cache)
+        plain = result["plain"]
+        print(f"{'with' if use_cache else 'without'} KV caches, {n_sequences} continuations of {result['n_new']} "
+              f"tokens: target alone {plain['tokens']} tokens in {plain['seconds']:.2f} s "
+              f"({plain['ms per target pass']:.2f} ms per pass); all runs {time.perf_counter() - start:.0f} s")
+        for r in result["rows"]:
+            print(f"  gamma={r['gamma']}: alpha {r['alpha']:.3f}, tokens per target call "
+                  f"{r['tokens per target call (measured)']:.2f} (formula {r['tokens per target call (formula)']:.2f}), "
+                  f"c {r['c (draft pass / target pass)']:.3f}, wide target pass x{r['target pass over gamma+1 tokens / over 1']:.2f}, "
+                  f"speed-up predicted {r['speed-up predicted (Leviathan et al.)']:.2f}, measured "
+                  f"{r['speed-up measured']:.2f}x, time outside the models {r['time outside the models']}")
 
 
 def notebooks() -> None:
@@ -90,6 +120,8 @@ def main() -> None:
     print(describe())
     model, tokenizer = load_pretrained(device="cpu")
     formats(model, tokenizer)
+    kernels()
+    library(model, tokenizer)
     speculative(model, tokenizer)
     if not args.skip_notebooks:
         notebooks()

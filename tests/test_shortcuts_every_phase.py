@@ -46,3 +46,8 @@ def test_shortcut_earns_nothing(module, exercise, description):
     outcome = nb.run(exercise, TABLES[module].SHORTCUTS[exercise][description])
     earned = {cell: points for cell, points in outcome.earned.items() if points}
     assert not earned, f"the shortcut earned points: {earned}"
+    # A row that fails for a typo or a missing library proves nothing about the guard.
+    broken = {cell: error for cell, error in outcome.errors.items()
+              if any(f"{kind}:" in error for kind in ("NameError", "ImportError", "ModuleNotFoundError",
+                                                       "SyntaxError", "IndentationError"))}
+    assert not broken, f"the shortcut row itself is broken, so it tests nothing: {broken}"

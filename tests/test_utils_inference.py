@@ -122,3 +122,67 @@ def test_generation_loops_and_student_training_run():
     ids = torch.randint(0, 7, (300,))
     student, losses = I.train_student(target, config, ids, steps=3, batch_size=2, block=8)
     assert len(losses) == 3 and not student.training
+
+
+def _float64_pair():
+    torch.manual_seed(0)
+    target = GPT(GPTConfig(vocab_size=7, block_size=24, n_layer=2, n_head=2, n_embd=16)).double().eval()
+    draft = GPT(GPTConfig(vocab_size=7, block_size=24, n_layer=1, n_head=2, n_embd=8)).double().eval()
+    return target, draft
+
+
+def test_kv_cached_generation_samples_the_same_tokens_as_the_uncached_loops():
+    """In float64 the cached and uncached passes give the same probabilities to ~1e-15, so with the same
+    seed both loops must draw the same tokens, make the same calls and see the same acceptance rates
+    (n_new leaves room for every gamma, so the cached loop never shortens its drafts)."""
+    target, draft = _float64_pair()
+    prompt = torch.tensor([[1, 2, 3]])
+    for seed in range(3):
+        plain = I.autoregressive_generate(target, prompt, 21, seed=seed)
+        assert I.autoregressive_generate(target, prompt, 21, seed=seed, use_cache=True).tokens == plain.tokens
+        for gamma in (1, 3, 5):
+            a = I.speculative_generate(target, draft, prompt, 15, gamma, seed=seed)
+            b = I.speculative_generate(target, draft, prompt, 15, gamma, seed=seed, use_cache=True)
+            assert a.tokens == b.tokens and a.target_calls == b.target_calls and a.draft_calls == b.draft_calls
+            assert max(abs(x - y) for x, y in zip(a.alphas, b.alphas)) < 1e-9
+    # up to block_size: the last drafts are shortened so that the target's pass fits
+    full = I.speculative_generate(target, target, prompt, 21, 4, use_cache=True)
+    assert len(full.tokens) == 21 and full.accepted_per_step == [4, 4, 4, 4, 1]
+    try:
+        I.autoregressive_generate(target, prompt, 22, use_cache=True)
+        raise AssertionError("expected ValueError: 3 + 22 positions exceed block_size=24")
+    except ValueError:
+        pass
+
+
+def test_crop_cache_forgets_the_positions_beyond_length():
+    from utils.transformer import KVCache
+
+    cache = KVCache(2)
+    for layer in range(2):
+        cache.extend(layer, torch.arange(10.0).reshape(1, 1, 5, 2), torch.zeros(1, 1, 5, 2))
+    I.crop_cache(cache, 3)
+    assert cache.length == 3 and torch.equal(cache.layers[1][0][0, 0, :, 0], torch.tensor([0.0, 2.0, 4.0]))
+    I.crop_cache(cache, 4)          # longer than the cache: nothing changes
+    assert cache.length == 3
+
+
+def test_expected_speedup_is_theorem_3_8_of_leviathan_et_al():
+    # (1 - a^(g+1)) / ((1 - a)(g c + 1)), written out by hand for a = 0.8, g = 3, c = 0.1
+    assert math.isclose(I.expected_speedup(0.8, 3, 0.1), (1 - 0.4096) / (0.2 * 1.3))
+    assert math.isclose(I.expected_speedup(0.5, 4, 0.0), I.expected_tokens_per_step(0.5, 4))
+    assert I.expected_speedup(0.0, 2, 0.5) == 0.5        # nothing accepted: the drafts are pure cost
+
+
+def test_speculative_comparison_reports_every_gamma():
+    target, _ = _float64_pair()
+    prompt = torch.tensor([[1, 2, 3]])
+    result = I.speculative_comparison(target, target, prompt, gammas=(1, 3), n_sequences=2)
+    assert result["n_new"] == 21 and result["plain"]["tokens"] == 42
+    assert [r["gamma"] for r in result["rows"]] == [1, 3]
+    for row in result["rows"]:
+        assert row["alpha"] > 0.999                     # the draft is the target: every draft accepted
+        assert row["tokens per target call (formula)"] == row["gamma"] + 1
+        assert 1 < row["tokens per target call (measured)"] <= row["gamma"] + 1
+        assert row["c (draft pass / target pass)"] > 0 and row["speed-up measured"] > 0
+    assert all(len(r.tokens) == 21 for runs in result["runs"].values() for r in runs)

@@ -177,3 +177,46 @@ def test_round_to_format_and_table():
     assert math.isinf(float(Q.round_to_format(x, "fp16")[1]))
     assert float(Q.round_to_format(x, "bf16")[1]) == pytest.approx(70000, rel=1e-2)
     assert {row["format"] for row in Q.format_table()} == set(Q.FORMATS)
+
+
+@pytest.mark.skipif(not Q.weight_int8pack_available(), reason="this torch has no CPU _weight_int8pack_mm")
+def test_pytorchs_fused_int8_kernel_computes_the_course_weight_only_product():
+    g = torch.Generator().manual_seed(9)
+    x, w = torch.randn(5, 64, generator=g), torch.randn(24, 64, generator=g)
+    q, scale = Q.int8_weight_only(w)
+    assert q.dtype == torch.int8 and scale.shape == (24,)
+    assert torch.equal(q, torch.round(w / (w.abs().amax(1, keepdim=True) / 127)).to(torch.int8))
+    expected = x @ (q.double() * scale.double()[:, None]).T.float()
+    assert torch.allclose(torch._weight_int8pack_mm(x, q, scale), expected, atol=1e-4, rtol=1e-5)
+
+
+def test_int8_matmul_timings_on_small_shapes():
+    rows = Q.int8_matmul_timings(shapes=((1, 64, 32), (16, 32, 64)), repeats=2)
+    assert len(rows) == 2 and rows[1]["shape (batch x out x in)"] == "16 x 32 x 64"
+    for row in rows:
+        assert row["fp32 matmul (ms)"] > 0 and row["dequantize, then fp32 matmul (ms)"] > 0
+        if Q.weight_int8pack_available():
+            assert float(row["kernel vs course, max |diff| / max |y|"]) < 1e-5
+
+
+def test_block_linears_are_the_four_layers_of_each_block():
+    model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16))
+    names = Q.block_linears(model)
+    assert len(names) == 8 and "lm_head" not in names and all(n.startswith("transformer.h.") for n in names)
+
+
+def test_torchao_comparison_is_skipped_cleanly_without_torchao(monkeypatch):
+    monkeypatch.setattr(Q, "torchao_available", lambda: False)
+    assert Q.torchao_comparison(GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16)),
+                                torch.zeros(2, 9, dtype=torch.long)) is None
+
+
+def test_torchao_weight_only_int8_agrees_with_the_course():
+    pytest.importorskip("torchao")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_embd=32)).eval()
+    windows = torch.randint(0, 11, (4, 17), generator=torch.Generator().manual_seed(1))
+    result = Q.torchao_comparison(model, windows)
+    fp32, ours, theirs = (r["perplexity"] for r in result["rows"])
+    assert abs(ours / fp32 - 1) < 0.01 and abs(theirs / fp32 - 1) < 0.01
+    assert "127.5" in result["summary"]

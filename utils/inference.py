@@ -9,7 +9,8 @@ switch them off while your code runs.
 * attention: ``grouped_query_attention``
 * paging (vLLM): ``PagedKVCache``, ``paged_attention``, ``fragmentation``, ``fragmentation_figure``
 * speculative decoding: ``verify_draft``, ``expected_tokens_per_step``, ``acceptance_rate``,
-  ``speculative_generate``, ``autoregressive_generate``
+  ``speculative_generate``, ``autoregressive_generate`` (both with or without KV caches), ``crop_cache``,
+  ``expected_speedup``, ``speculative_comparison`` (the measured wall-clock speed-up)
 * distillation: ``distillation_loss``, ``train_student``
 """
 
@@ -186,9 +187,40 @@ def acceptance_rate(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _next_probs(model: nn.Module, idx: torch.Tensor, temperature: float) -> torch.Tensor:
-    logits, _ = model(idx[:, -model.config.block_size:])
+def _next_probs(model: nn.Module, idx: torch.Tensor, temperature: float, cache=None) -> torch.Tensor:
+    """The next-token distributions after the positions of ``idx`` (1, L) that the model reads.
+
+    Without a cache: one pass over the last ``block_size`` tokens, a row for each of them. With a
+    ``KVCache`` (Phase 2's): only the tokens the cache does not hold yet, ``idx[:, cache.length:]``,
+    go through the model (their keys and values are added), a row for each of them."""
+    if cache is None:
+        logits, _ = model(idx[:, -model.config.block_size:])
+    else:
+        logits, _ = model(idx[:, cache.length:], cache=cache)
     return F.softmax(logits[0].float() / temperature, dim=-1)      # (T, vocab)
+
+
+def crop_cache(cache, length: int) -> None:
+    """Forget the cached keys and values beyond the first ``length`` positions (rejected drafts)."""
+    for i, kv in enumerate(cache.layers):
+        if kv is not None and kv[0].shape[2] > length:
+            cache.layers[i] = (kv[0][:, :, :length], kv[1][:, :, :length])
+
+
+def _new_cache(model: nn.Module, prompt: torch.Tensor, n_new: int):
+    from .transformer import KVCache
+
+    if prompt.shape[1] + n_new > model.config.block_size:
+        raise ValueError(f"{prompt.shape[1]} + {n_new} tokens exceed block_size={model.config.block_size}: "
+                         "with a KV cache the whole sequence must fit the model's positions")
+    return KVCache(model.config.n_layer)
+
+
+def _elapsed(start: float, result: torch.Tensor) -> float:
+    """Seconds since ``start`` once ``result`` is computed (a GPU runs asynchronously: wait for it)."""
+    if result.is_cuda:
+        torch.cuda.synchronize(result.device)
+    return time.perf_counter() - start
 
 
 @dataclass
@@ -198,18 +230,24 @@ class GenerationStats:
     draft_calls: int = 0
     accepted_per_step: list = field(default_factory=list)
     alphas: list = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0           # the whole loop
+    target_seconds: float = 0.0    # inside the target's forward passes
+    draft_seconds: float = 0.0     # inside the draft's forward passes
 
 
 @torch.no_grad()
 def autoregressive_generate(model: nn.Module, prompt: torch.Tensor, n_new: int, temperature: float = 1.0,
-                            seed: int = 0) -> GenerationStats:
-    """Plain sampling, one target call per token (no KV cache, like the speculative loop below)."""
+                            seed: int = 0, use_cache: bool = False) -> GenerationStats:
+    """Plain sampling, one target call per token. ``use_cache``: Phase 2's KV cache, so that each call
+    after the prompt feeds one token (the prompt and the ``n_new`` tokens must fit ``block_size``)."""
     g = torch.Generator(device=prompt.device).manual_seed(seed)
     idx, stats = prompt.clone(), GenerationStats()
+    cache = _new_cache(model, prompt, n_new) if use_cache else None
     start = time.perf_counter()
     while len(stats.tokens) < n_new:
-        probs = _next_probs(model, idx, temperature)[-1]
+        t0 = time.perf_counter()
+        probs = _next_probs(model, idx, temperature, cache)[-1]
+        stats.target_seconds += _elapsed(t0, probs)
         token = torch.multinomial(probs, 1, generator=g)
         idx = torch.cat([idx, token[None]], dim=1)
         stats.tokens.append(int(token))
@@ -220,33 +258,111 @@ def autoregressive_generate(model: nn.Module, prompt: torch.Tensor, n_new: int, 
 
 @torch.no_grad()
 def speculative_generate(target: nn.Module, draft: nn.Module, prompt: torch.Tensor, n_new: int, gamma: int = 4,
-                         temperature: float = 1.0, seed: int = 0, verify: Callable = verify_draft) -> GenerationStats:
+                         temperature: float = 1.0, seed: int = 0, verify: Callable = verify_draft,
+                         use_cache: bool = False) -> GenerationStats:
     """Speculative sampling: the draft proposes ``gamma`` tokens one by one, the target scores all of
     them in ONE forward pass, ``verify`` keeps a prefix and adds one token. Records the calls, the
-    accepted drafts per step and the per-position acceptance rates alpha."""
+    accepted drafts per step, the per-position acceptance rates alpha and the time in each model.
+
+    ``use_cache``: both models keep a KV cache (Phase 2's); after each verification the caches forget
+    the rejected drafts (``crop_cache``). The sequence must then fit ``block_size``, and near its end
+    fewer than ``gamma`` tokens are drafted so that the target's pass still fits."""
     g = torch.Generator(device=prompt.device).manual_seed(seed)
     idx, stats = prompt.clone(), GenerationStats()
+    t_cache = d_cache = None
+    if use_cache:
+        t_cache, d_cache = _new_cache(target, prompt, n_new), _new_cache(draft, prompt, n_new)
+    limit = min(target.config.block_size, draft.config.block_size)
     start = time.perf_counter()
     while len(stats.tokens) < n_new:
+        n_draft = min(gamma, limit - idx.shape[1]) if use_cache else gamma
         draft_idx, q_rows, drafted = idx, [], []
-        for _ in range(gamma):
-            q = _next_probs(draft, draft_idx, temperature)[-1]
+        for _ in range(n_draft):
+            t0 = time.perf_counter()
+            q = _next_probs(draft, draft_idx, temperature, d_cache)[-1]
+            stats.draft_seconds += _elapsed(t0, q)
             token = torch.multinomial(q, 1, generator=g)
             q_rows.append(q)
             drafted.append(int(token))
             draft_idx = torch.cat([draft_idx, token[None]], dim=1)
             stats.draft_calls += 1
-        p_rows = _next_probs(target, draft_idx, temperature)[-(gamma + 1):]
+        t0 = time.perf_counter()
+        p_rows = _next_probs(target, draft_idx, temperature, t_cache)[-(n_draft + 1):]
+        stats.target_seconds += _elapsed(t0, p_rows)
         stats.target_calls += 1
         q_probs = torch.stack(q_rows)
         new = verify(drafted, q_probs.cpu(), p_rows.cpu(), g if prompt.device.type == "cpu" else None)
         stats.accepted_per_step.append(len(new) - 1)
-        stats.alphas.extend(acceptance_rate(p_rows[:gamma], q_probs).tolist())
+        stats.alphas.extend(acceptance_rate(p_rows[:n_draft], q_probs).tolist())
         stats.tokens.extend(int(t) for t in new)
         idx = torch.cat([idx, torch.tensor([new], device=idx.device)], dim=1)
+        if use_cache:
+            # every position but the newest token is valid in a cache: the target saw all the drafts,
+            # the draft all but the last one (fed at the next step when it was accepted)
+            crop_cache(t_cache, idx.shape[1] - 1)
+            crop_cache(d_cache, idx.shape[1] - 1)
     stats.tokens = stats.tokens[:n_new]
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def expected_speedup(alpha: float, gamma: int, c: float) -> float:
+    """Leviathan et al. (2023, theorem 3.8): the expected wall-time improvement factor
+    (1 - alpha**(gamma + 1)) / ((1 - alpha) (gamma c + 1)), with ``c`` the time of one draft pass divided
+    by the time of one target pass (it assumes the target's pass over gamma + 1 tokens costs one pass)."""
+    return expected_tokens_per_step(alpha, gamma) / (gamma * c + 1)
+
+
+def speculative_comparison(target: nn.Module, draft: nn.Module, prompt: torch.Tensor,
+                           gammas: Sequence[int] = (1, 2, 4, 6), n_sequences: int = 8, n_new: int | None = None,
+                           temperature: float = 1.0, use_cache: bool = True) -> dict:
+    """Wall-clock speculative decoding against plain decoding of the target, the same number of tokens.
+
+    ``n_sequences`` continuations of ``prompt`` (seeds 0, 1, ...), each ``n_new`` tokens long (with the
+    cache: by default as many as ``block_size`` allows). For every seed the plain loop and the
+    speculative loop for every gamma run one after the other, so that a change in the machine's load
+    touches all of them alike; on a CPU everything runs on one thread (a second one only adds waiting
+    for these tiny matrices). Returns ``{"plain": {...}, "rows": [...]}``: per gamma the measured
+    acceptance rate alpha, tokens per target call (measured, and the formula's for that alpha), the cost
+    ratio c = (time of a draft pass) / (time of a plain target pass), the target's pass over gamma + 1
+    tokens relative to its pass over one, the speed-up predicted by Leviathan et al. for the measured
+    alpha and c, the measured speed-up, and the share of the time spent outside the two models
+    (sampling, verification, bookkeeping in Python)."""
+    from .transformer import one_thread_on_cpu
+
+    if n_new is None:
+        n_new = min(target.config.block_size, draft.config.block_size) - prompt.shape[1]
+    with one_thread_on_cpu(prompt.device):
+        autoregressive_generate(target, prompt, 4, temperature, use_cache=use_cache)          # warm-up
+        speculative_generate(target, draft, prompt, 4, 2, temperature, use_cache=use_cache)
+        plain, runs = [], {gamma: [] for gamma in gammas}
+        for seed in range(n_sequences):
+            plain.append(autoregressive_generate(target, prompt, n_new, temperature, seed, use_cache))
+            for gamma in gammas:
+                runs[gamma].append(speculative_generate(target, draft, prompt, n_new, gamma, temperature, seed,
+                                                        use_cache=use_cache))
+    plain_seconds = sum(r.seconds for r in plain)
+    target_pass = sum(r.target_seconds for r in plain) / sum(r.target_calls for r in plain)
+    rows = []
+    for gamma in gammas:
+        rs = runs[gamma]
+        alphas = [a for r in rs for a in r.alphas]
+        alpha = sum(alphas) / len(alphas)
+        c = sum(r.draft_seconds for r in rs) / sum(r.draft_calls for r in rs) / target_pass
+        wide = sum(r.target_seconds for r in rs) / sum(r.target_calls for r in rs) / target_pass
+        seconds = sum(r.seconds for r in rs)
+        rows.append({"gamma": gamma, "alpha": round(alpha, 3),
+                     "tokens per target call (formula)": round(expected_tokens_per_step(alpha, gamma), 2),
+                     "tokens per target call (measured)": round(n_new * len(rs) / sum(r.target_calls for r in rs), 2),
+                     "c (draft pass / target pass)": round(c, 3),
+                     "target pass over gamma+1 tokens / over 1": round(wide, 2),
+                     "speed-up predicted (Leviathan et al.)": round(expected_speedup(alpha, gamma, c), 2),
+                     "speed-up measured": round(plain_seconds / seconds, 2),
+                     "time outside the models": f"{1 - sum(r.target_seconds + r.draft_seconds for r in rs) / seconds:.0%}",
+                     "seconds": round(seconds, 2)})
+    return {"plain": {"tokens": n_new * n_sequences, "seconds": round(plain_seconds, 2),
+                      "ms per target pass": round(1000 * target_pass, 3)},
+            "rows": rows, "runs": runs, "n_new": n_new}
 
 
 # ---------------------------------------------------------------------------

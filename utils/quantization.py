@@ -14,6 +14,8 @@ compare your functions with them (calling them yourself earns nothing: the tests
 * error-aware rounding: ``layer_inputs``, ``gptq_quantize``, ``awq_keep_channels``
 * NF4 and QLoRA: ``double_quantized_bits``, ``NF4Linear``, ``qlora_model`` (with Phase 5's ``utils.lora``)
 * BitNet b1.58: ``BitLinear``, ``train_tiny_models``
+* real int8 kernels and a library: ``int8_weight_only``, ``weight_int8pack_available``, ``int8_matmul_timings``,
+  ``torchao_comparison`` (only when torchao is installed), ``cpu_description``
 """
 
 from __future__ import annotations
@@ -618,3 +620,173 @@ def train_tiny_models(ids: torch.Tensor, steps: int, lr: float = 3e-3, seed: int
         curves[name] = fine_tune(model, ids, steps, batch_size=8, block=64,
                                  lr=lr * (2 if "ternary" in name else 1), seed=seed)
     return curves
+
+
+# ---------------------------------------------------------------------------
+# Weight-only int8 with real kernels: PyTorch's fused kernel, and torchao (when installed)
+# ---------------------------------------------------------------------------
+
+
+def int8_weight_only(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The course's weight-only int8 format: per-channel absmax, ``(q int8 (out, in), scale float32 (out,))``."""
+    q, scale = absmax_quantize(w, 8, w.shape[-1])
+    return q, scale.reshape(-1)
+
+
+def weight_int8pack_available() -> bool:
+    """Whether this PyTorch has the fused weight-only int8 kernel ``torch._weight_int8pack_mm`` on the CPU
+    (a private operator: it exists since torch 2.3 and may change)."""
+    fn = getattr(torch, "_weight_int8pack_mm", None)
+    if fn is None:
+        return False
+    try:
+        fn(torch.ones(1, 8), torch.ones(8, 8, dtype=torch.int8), torch.ones(8))
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+def cpu_description() -> str:
+    """The CPU, its cores and the load average: timings on a busy machine are slower (say so with them)."""
+    import os
+    import platform
+    from pathlib import Path
+
+    name = platform.processor() or "unknown CPU"
+    try:
+        name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    return f"CPU: {name}, {os.cpu_count()} cores{load} (a load above the core count slows every timing)"
+
+
+def _median_ms(fn: Callable[[], torch.Tensor], repeats: int) -> float:
+    import statistics
+    import time
+
+    fn()                                              # warm-up: allocations, kernel selection
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return round(1000 * statistics.median(times), 4)
+
+
+@torch.no_grad()
+def int8_matmul_timings(shapes: Sequence[tuple[int, int, int]] = ((1, 512, 128), (64, 512, 128), (1, 4096, 4096)),
+                        repeats: int = 5, seed: int = 0) -> list[dict]:
+    """Time ``y = x @ W.T`` for each ``(batch, out, in)`` shape, on one CPU thread, with W in fp32 and in
+    the course's int8 format computed three ways:
+
+    * the course's route: dequantize the whole matrix to fp32, then an fp32 matmul;
+    * ``torch._weight_int8pack_mm(x, q, scale)``, PyTorch's fused kernel (it reads the int8 weights and
+      converts them tile by tile, never writing an fp32 copy), with fp32 and with bf16 activations;
+    * and the bf16 matmul, the kernel's fair baseline for bf16 activations.
+
+    Median milliseconds of ``repeats`` runs, plus the largest difference of the fused kernel's fp32 output
+    from the course's (the same product computed in another order: rounding differences only)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    kernel = weight_int8pack_available()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for batch, n_out, n_in in shapes:
+            x = torch.randn(batch, n_in, generator=g)
+            w = torch.randn(n_out, n_in, generator=g) * 0.02
+            q, scale = int8_weight_only(w)
+            course = lambda: x @ (q.float() * scale[:, None]).T          # noqa: E731
+            row = {"shape (batch x out x in)": f"{batch} x {n_out} x {n_in}",
+                   "fp32 matmul (ms)": _median_ms(lambda: x @ w.T, repeats),
+                   "dequantize, then fp32 matmul (ms)": _median_ms(course, repeats)}
+            if kernel:
+                xb, wb, sb = x.bfloat16(), w.bfloat16(), scale.bfloat16()
+                row["_weight_int8pack_mm, fp32 x (ms)"] = _median_ms(lambda: torch._weight_int8pack_mm(x, q, scale), repeats)
+                row["_weight_int8pack_mm, bf16 x (ms)"] = _median_ms(lambda: torch._weight_int8pack_mm(xb, q, sb), repeats)
+                row["bf16 matmul (ms)"] = _median_ms(lambda: xb @ wb.T, repeats)
+                reference = course()
+                error = (torch._weight_int8pack_mm(x, q, scale) - reference).abs().max() / reference.abs().max()
+                row["kernel vs course, max |diff| / max |y|"] = f"{float(error):.1e}"
+            row["weights fp32 / int8 (MiB)"] = f"{4 * n_out * n_in / 2**20:.2f} / {(n_out * n_in + 4 * n_out) / 2**20:.2f}"
+            rows.append(row)
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+def block_linears(model: nn.Module) -> list[str]:
+    """Names of the ``nn.Linear`` layers inside the transformer blocks (not the tied unembedding)."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and ".h." in f".{name}"]
+
+
+def torchao_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torchao") is not None
+
+
+@torch.no_grad()
+def torchao_comparison(model: nn.Module, windows: torch.Tensor) -> dict | None:
+    """torchao's weight-only int8 (``quantize_`` with ``Int8WeightOnlyConfig``: symmetric, one scale per
+    output channel) against the course's ``int8_weight_only``, on the same layers of ``model`` (every
+    linear layer of its blocks): ``{"rows": [...], "summary": "..."}`` with the perplexities on
+    ``windows``, the logits' distance from fp32 and how far the two sets of weights are apart. ``None``
+    when torchao is not installed or does not import beside this torch release (constraints.txt pins a
+    matching pair)."""
+    if not torchao_available():
+        return None
+    import contextlib
+    import io
+    import logging
+    import time
+
+    # torchao's import reports CUDA-only extensions it cannot load on a CPU build, and torch logs a
+    # deprecation notice about one of its enums: neither concerns this comparison
+    pytree_log = logging.getLogger("torch.utils._pytree")
+    level = pytree_log.level
+    pytree_log.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            import torchao
+            from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    except Exception:  # a torchao built for another torch release (`make lab CONSTRAINTS=`) may not import
+        return None
+    finally:
+        pytree_log.setLevel(level)
+
+    names = set(block_linears(model))
+    model = copy.deepcopy(model).float().cpu().eval()
+    ours = copy.deepcopy(model)
+    for name in names:
+        layer = ours.get_submodule(name)
+        layer.weight.copy_(dequantize(*absmax_quantize(layer.weight, 8, layer.weight.shape[-1])))
+    theirs = copy.deepcopy(model)
+    quantize_(theirs, Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: fqn in names)
+
+    steps, same_codes, count, scale_ratio = [], 0, 0, []
+    for name in sorted(names):
+        q_ours, s_ours = int8_weight_only(model.get_submodule(name).weight)
+        qt = theirs.get_submodule(name).weight
+        steps.append(float(((ours.get_submodule(name).weight - qt.dequantize().float()).abs() / s_ours[:, None]).max()))
+        same_codes += int((qt.qdata.reshape(q_ours.shape).long() == q_ours.long()).sum())
+        count += q_ours.numel()
+        scale_ratio.append(float((s_ours / qt.scale.float().reshape(-1)).mean()))
+    x = windows[:, :-1].cpu()
+    logits = {key: m(x)[0] for key, m in (("fp32", model), ("course", ours), ("torchao", theirs))}
+    rows = []
+    for key, label, m in (("fp32", "fp32", model), ("course", "course int8 (absmax / 127)", ours),
+                          ("torchao", f"torchao {torchao.__version__} Int8WeightOnlyConfig", theirs)):
+        start = time.perf_counter()
+        ppl = perplexity(m, windows)
+        rows.append({"block linear layers": label, "perplexity": round(ppl, 4),
+                     "max |logit - fp32 logit|": round(float((logits[key] - logits["fp32"]).abs().max()), 5),
+                     "evaluation (s)": round(time.perf_counter() - start, 2)})
+    summary = (f"torchao's scale is the course's times {1 / (sum(scale_ratio) / len(scale_ratio)):.4f} "
+               f"(absmax / 127.5 with codes in [-128, 127], against absmax / 127 in [-127, 127]); "
+               f"{same_codes / count:.1%} of the int8 codes are identical, the dequantized weights differ by at "
+               f"most {max(steps):.2f} course step; logits of the two int8 models differ by at most "
+               f"{float((logits['course'] - logits['torchao']).abs().max()):.4f}.")
+    return {"rows": rows, "summary": summary}
