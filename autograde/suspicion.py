@@ -107,17 +107,21 @@ def _scan(tree: ast.AST, modules: set[str]) -> list[str]:
                     found.append(f"writes {ast.unparse(target)} (monkeypatching)")
         elif isinstance(node, ast.Call):
             name = node.func.id if isinstance(node.func, ast.Name) else None
-            if name in CALLS:
+            # setattr on the student's own objects (a module tree being rebuilt) is ordinary; on an
+            # imported module or class it is monkeypatching
+            owner = _owner(node.args[0]) if name in ("setattr", "delattr") and node.args else None
+            own = owner is not None and owner not in imported and owner not in CALLS
+            if name in CALLS and not own:
                 found.append(f"calls {name}() ({CALLS[name]})")
             if name == "getattr" and len(node.args) > 1 and not isinstance(node.args[1], ast.Constant):
                 found.append("getattr with a computed name")
         elif isinstance(node, ast.Attribute) and ATTRIBUTES.get(node.attr):
             found.append(f"uses .{node.attr} ({ATTRIBUTES[node.attr]})")
-        elif isinstance(node, ast.FunctionDef) and ATTRIBUTES.get(node.name, "").startswith(DEFINED):
+        elif isinstance(node, ast.FunctionDef) and (ATTRIBUTES.get(node.name) or "").startswith(DEFINED):
             found.append(f"defines {node.name} ({ATTRIBUTES[node.name]})")
         elif isinstance(node, ast.Name) and node.id in ("__builtins__", "__loader__", "__spec__"):
             found.append(f"uses {node.id}")
-        elif isinstance(node, ast.Name) and ATTRIBUTES.get(node.id, "").startswith(DEFINED):
+        elif isinstance(node, ast.Name) and (ATTRIBUTES.get(node.id) or "").startswith(DEFINED):
             found.append(f"defines {node.id} ({ATTRIBUTES[node.id]})")
         elif isinstance(node, ast.Constant) and isinstance(node.value, str):
             word = next((w for w in WORDS if w in node.value), None)
@@ -126,7 +130,20 @@ def _scan(tree: ast.AST, modules: set[str]) -> list[str]:
     return found
 
 
-def _root_name(node: ast.Attribute) -> str | None:
+def _owner(node: ast.expr) -> str | None:
+    """The plain name an object expression starts from (``model.get_submodule(p)[0]`` -> ``model``,
+    ``getattr(torch, "nn")`` -> ``torch``), or None when there is none."""
+    while True:
+        if isinstance(node, (ast.Attribute, ast.Subscript)):
+            node = node.value
+        elif isinstance(node, ast.Call):
+            is_getattr = isinstance(node.func, ast.Name) and node.func.id == "getattr" and node.args
+            node = node.args[0] if is_getattr else node.func
+        else:
+            return node.id if isinstance(node, ast.Name) else None
+
+
+def _root_name(node: ast.expr) -> str | None:
     """The name at the left of ``a.b.c``, or None when it is not a plain name."""
     while isinstance(node, ast.Attribute):
         node = node.value

@@ -74,13 +74,17 @@ def test_suspicion_flags_patching_and_machinery_but_not_plain_code():
     from autograde.suspicion import flags
     setup = "import torch\nfrom utils import checks"
     honest = ["def f(x):\n    \"\"\"Weights sum to 1...\"\"\"\n    y = x.softmax(-1)\n    return y\n%time f(1)"]
+    honest.append("def add(model, name, layer):\n    parent, _, child = name.rpartition('.')\n"
+                  "    setattr(model.get_submodule(parent), child, layer)\n    copy = stack = 1\n"
+                  "def replace(x):\n    return x")
     assert flags(honest, setup) == []
     found = flags(["torch.testing.assert_close = print", "get_ipython().input_transformers_cleanup.append(1)",
                    "import ctypes", "open('../../solutions/x.ipynb').read()", "checks.check_close = print",
-                   "class Raw:\n    __array_interface__ = {'data': (id(x), False)}", "import mmap"], setup)
+                   "class Raw:\n    __array_interface__ = {'data': (id(x), False)}", "import mmap",
+                   "setattr(getattr(torch, 'testing'), 'assert_close', print)"], setup)
     for expected in ("assigns torch.testing.assert_close", "calls get_ipython()", "imports ctypes",
                      "calls open()", "'solutions'", "assigns checks.check_close", "raw memory (an array",
-                     "imports mmap"):
+                     "imports mmap", "calls setattr()"):
         assert any(expected in flag for flag in found), (expected, found)
 
 
