@@ -1,13 +1,13 @@
 """Fine-tune the course's pretrained GPT into a small instruction follower: utils/checkpoints/sft_char.pt.
 
-    python scripts/make_sft_checkpoint.py                      # the shipped recipe (600 steps: minutes on a quiet CPU)
+    python scripts/make_sft_checkpoint.py                      # the shipped recipe (2000 steps: 10 to 40 minutes on one CPU thread)
     python scripts/make_sft_checkpoint.py --steps 20 --out /tmp/sft.pt    # a quick trial
 
 The recipe (utils.sft.SFT_RECIPE and SFT_DATA): start from utils/checkpoints/shakespeare_char.pt
 (made by scripts/make_checkpoint.py), add the chat's special tokens (new embedding rows at the mean
 of the old ones, old logits unchanged), then full fine-tuning on the training split of the task
 families (utils.sft.task_splits; the family `lower` is held out) with the loss on the replies only,
-a tenth of every batch being pretraining text (less forgetting), AdamW, warmup and cosine decay.
+a fifth of every batch's rows being pretraining text (less forgetting), AdamW, warmup and cosine decay.
 Accuracy per family and the corpus perplexity, before and after, are stored in the file's metadata
 and printed. Seeded: the same torch version, thread count and CPU give the same file.
 """

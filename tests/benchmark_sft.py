@@ -60,6 +60,9 @@ def main(argv=None):
     full, _ = sft.load_sft_model(device="cpu")
     adapted, _ = sft.base_chat_model(device="cpu")
     lora.add_lora(adapted, 16, 32.0, lora.DEFAULT_TARGETS)
+    # the chat tokens' rows train too (they all start at the same row; frozen, the model never stops)
+    lora.train_new_token_rows(adapted, min(tokenizer.user_id, tokenizer.assistant_id, tokenizer.end_id,
+                                           tokenizer.pad_id))
     config = replace(sft.SFT_RECIPE, steps=args.lora_steps, learning_rate=5e-3)
     result = sft.sft_train(adapted, tokenizer, splits.train, config, pretrain_ids=sft.pretraining_ids(),
                            show_progress=False)

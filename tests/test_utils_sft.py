@@ -147,3 +147,46 @@ def test_shipped_sft_checkpoint_loads_and_answers():
     assert {"base", "sft", "recipe"} <= set(meta)
     reply = sft.generate(model, tok, "Repeat: Good night, sweet prince.")
     assert isinstance(reply, str)
+
+
+def test_soft_prompt_starts_as_the_tokens_it_copies_and_trains_alone():
+    tok = sft.ChatTokenizer(CHARS)
+    model = tiny_gpt(vocab=tok.vocab_size, block=64)
+    init = tok.encode("abc")
+    soft = sft.SoftPrompt(model, init)
+    x = torch.randint(0, tok.vocab_size, (2, 7))
+    with torch.no_grad():
+        expected = model(torch.cat([torch.tensor(init).expand(2, -1), x], 1))[0][:, 3:]
+        assert torch.allclose(soft(x), expected, atol=1e-5)
+    # greedy replies = the model's own greedy continuation of the three tokens + the chat prompt
+    ids = init + tok.encode(sft.format_chat([{"role": "user", "content": "ab"}], add_generation_prompt=True))
+    out = model.generate(torch.tensor([ids]), 6, temperature=0.0)[0, len(ids):].tolist()
+    out = out[:out.index(tok.end_id)] if tok.end_id in out else out
+    assert sft.soft_prompt_replies(soft, tok, ["ab"], max_new_tokens=6) == [tok.decode(out)]
+    assert [n for n, p in soft.named_parameters() if p.requires_grad] == ["prompt"]
+    wte = model.transformer.wte.weight.detach().clone()
+    examples = [sft.Example("repeat", f"Repeat: {w}", w) for w in ["ab", "cd", "ef"]]
+    result = sft.train_soft_prompt(soft, tok, examples, steps=30, batch_size=4, learning_rate=5e-2)
+    assert torch.equal(model.transformer.wte.weight, wte) and not torch.equal(soft.prompt.detach(), wte[init])
+    assert len(result.losses) == 30 and all(l == l for l in result.losses) and result.trained_tokens > 0
+
+
+def test_new_token_rows_train_and_the_old_rows_stay_frozen():
+    from utils import lora
+    model, tokenizer = sft.base_chat_model(device="cpu")
+    first_new = min(tokenizer.user_id, tokenizer.assistant_id, tokenizer.end_id, tokenizer.pad_id)
+    lora.train_new_token_rows(lora.add_lora(model, 2, 4.0, lora.DEFAULT_TARGETS), first_new)
+    before = model.transformer.wte.weight.detach().clone()
+    adapters, _ = lora.count_trainable(lora.add_lora(sft.base_chat_model(device="cpu")[0], 2, 4.0))
+    trainable, _ = lora.count_trainable(model)
+    assert trainable == adapters + (tokenizer.vocab_size - first_new) * before.shape[1]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    ids = torch.tensor([tokenizer.encode("<|user|>Hi<|end|><|assistant|>Hi<|end|>")])
+    model.train()
+    logits = model(ids[:, :-1])[0]
+    torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).backward()
+    optimizer.step()
+    after = model.transformer.wte.weight.detach()
+    assert torch.equal(after[:first_new], before[:first_new]), "an old row moved"
+    assert not torch.equal(after[first_new:], before[first_new:]), "the new rows did not train"
+    assert not torch.equal(after[tokenizer.end_id], after[tokenizer.user_id]), "the chat tokens are still identical"

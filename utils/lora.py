@@ -19,6 +19,7 @@ Public API (Phases 5, 6 and 8 rely on it; it stays stable):
   ``targets`` by a ``LoRALinear`` (in place), then ``mark_only_lora_trainable``; returns ``model``
 * ``mark_only_lora_trainable(model)`` -- ``requires_grad`` on the adapters' parameters only
 * ``lora_layers(model)``, ``merge_lora(model)``, ``unmerge_lora(model)``, ``remove_lora(model)``
+* ``train_new_token_rows(model, first_new_id)`` -- the rows of added tokens train, the rest stays frozen
 * ``count_trainable(model)`` -- (trainable, total) parameter counts
 * ``peft_twin(model, r, alpha, targets)`` -- a copy of the *un-adapted* base inside ``peft``, holding
   the same adapter weights as a model that went through ``add_lora`` (the cross-check)
@@ -153,15 +154,35 @@ def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
     return model
 
 
+def train_new_token_rows(model: nn.Module, first_new_id: int) -> nn.Module:
+    """Let the embedding rows of the tokens added to the vocabulary (ids ``first_new_id`` and up) train
+    while every other row stays frozen -- what peft's ``trainable_token_indices`` and
+    ``modules_to_save`` are for. Without it, LoRA freezes the chat tokens at their shared starting row
+    (``utils.sft.resize_token_embeddings`` starts them all at the mean): they keep identical logits
+    under the tied head, so the model cannot prefer ``<|end|>`` to ``<|user|>`` and never stops.
+    A gradient hook zeroes the old rows' gradients (the optimizer must not use weight decay on them:
+    the course's ``SFTConfig`` has none). Returns ``model``."""
+    weight = model.transformer.wte.weight
+    mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
+    mask[first_new_id:] = 1
+    weight.requires_grad_(True)
+    weight.register_hook(lambda grad: grad * mask)
+    weight.trainable_rows = weight.shape[0] - first_new_id   # read by count_trainable
+    return model
+
+
 def count_trainable(model: nn.Module) -> tuple[int, int]:
-    """(trainable parameters, all parameters), shared tensors counted once."""
+    """(trainable parameters, all parameters), shared tensors counted once; of an embedding that went
+    through ``train_new_token_rows`` only the new rows count as trainable."""
     seen, trainable, total = set(), 0, 0
     for p in model.parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
         total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
+        if p.requires_grad:
+            rows = getattr(p, "trainable_rows", None)
+            trainable += p.numel() if rows is None else rows * p[0].numel()
     return trainable, total
 
 
