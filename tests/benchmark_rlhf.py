@@ -30,7 +30,8 @@ from utils import pretraining, preferences, rlhf, runtime  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=float, default=1.0, help="multiply data and iterations")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads (one is fastest for a model this small, and robust on a busy machine)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     runtime.seed_everything(0)

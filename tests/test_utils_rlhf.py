@@ -250,12 +250,20 @@ def test_pieces_fall_back_to_the_reference_until_written(capsys):
     def sequence_logprob(logits, tokens, mask):
         raise NotImplementedError()
 
-    pieces = rlhf.pieces_from({"sequence_logprob": sequence_logprob})
+    def my_gae(rewards, values, mask, gamma=1.0, lam=0.95):
+        return "mine"
+
+    pieces = rlhf.pieces_from(sequence_logprob, gae=my_gae)
     logits, tokens = torch.randn(2, 4, 3), torch.randint(0, 3, (2, 4))
     mask = torch.tensor([[False, True, True, False]] * 2)
     assert torch.equal(pieces.sequence_logprob(logits, tokens, mask), rlhf.sequence_logprob(logits, tokens, mask))
     assert "not written yet" in capsys.readouterr().out
-    assert pieces.gae is rlhf.gae
+    assert pieces.gae(None, None, None) == "mine"
+    assert pieces.dpo_loss is rlhf.dpo_loss and rlhf.pieces_from().gae is rlhf.gae
+    with pytest.raises(ValueError, match="not a piece"):
+        rlhf.pieces_from(my_gae)
+    with pytest.raises(ValueError, match="not pieces: gea"):
+        rlhf.pieces_from(gea=my_gae)
 
 
 def test_sft_task_checks_exact_answers():

@@ -289,15 +289,24 @@ def yours_or_reference(yours: Callable, reference: Callable, name: str) -> Calla
     return call
 
 
-def pieces_from(namespace: dict) -> Pieces:
-    """A ``Pieces`` holding every function of ``namespace`` (e.g. ``globals()``) named like a piece,
-    each falling back to the reference while it is unfinished."""
+def pieces_from(*functions: Callable, **named: Callable) -> Pieces:
+    """A ``Pieces`` holding the functions you pass (each matched to a piece by its name, or passed by
+    keyword: ``pieces_from(token_logprobs, gae=my_gae)``), each falling back to the reference while it
+    raises NotImplementedError; every piece you do not pass is the reference."""
     defaults = Pieces()
-    chosen = {}
-    for name in defaults.__dataclass_fields__:
-        reference = getattr(defaults, name)
-        yours = namespace.get(name)
-        chosen[name] = yours_or_reference(yours, reference, name) if callable(yours) else reference
+    fields = defaults.__dataclass_fields__
+    given = dict(named)
+    for function in functions:
+        name = getattr(function, "__name__", "")
+        if name not in fields:
+            raise ValueError(f"{name or function!r} is not a piece ({', '.join(fields)}): pass it by keyword, "
+                             f"e.g. pieces_from(gae=...)")
+        given[name] = function
+    unknown = sorted(set(given) - set(fields))
+    if unknown:
+        raise ValueError(f"not pieces: {', '.join(unknown)} (the pieces are {', '.join(fields)})")
+    chosen = {name: yours_or_reference(given[name], getattr(defaults, name), name) if callable(given.get(name))
+              else getattr(defaults, name) for name in fields}
     return Pieces(**chosen)
 
 
