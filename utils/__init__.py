@@ -16,8 +16,10 @@
 * ``rlhf``, ``preferences`` -- Phase 6: judges, preference data, reward model, PPO, DPO and GRPO
 * ``distributed`` -- Phase 7: ``launch`` runs a function on N ranks with real ``torch.distributed``
   (gloo on CPU, NCCL on GPUs), and the same worker under ``torchrun``
-* ``parallelism`` -- Phase 7: per-rank memory accounting, a communication log with an alpha-beta
-  cost model, the pipeline schedule simulator and the 3D-parallelism planner
+* Phase 7: ``memory_accounting`` (per-rank memory and its peak), ``communication`` (a communication
+  log, the alpha-beta cost model and its fit), ``pipeline`` (schedules: GPipe, 1F1B, interleaved,
+  ZB-H1; the simulator and the real runner), ``plan3d`` (the 3D-parallelism planner);
+  ``parallelism`` re-exports all four under the old name
 * ``quantization``, ``inference`` -- Phase 8: number formats, quantizers, LLM.int8, GPTQ/AWQ, NF4,
   BitNet; paged KV cache, speculative decoding, distillation
 
