@@ -8,14 +8,14 @@ from notebook_harness import SourceNotebook
 
 NB = SourceNotebook("solutions/02_transformer/transformer.ipynb")
 mutate = NB.mutate
-EXERCISES = ["ex1", "ex2", "ex3", "ex4", "ex5", "ex6", "ex7"]
+EXERCISES = ["ex1", "ex2", "ex3", "ex4", "ex5", "ex6", "ex7", "ex8"]
 
 
 def check_mistake(exercise, replacements, message):
     NB.assert_loses_points(exercise, mutate(exercise, *replacements), message)
 
 
-def test_phase_has_the_seven_exercises_in_order():
+def test_phase_has_the_eight_exercises_in_order():
     assert NB.exercises() == EXERCISES
 
 
@@ -462,6 +462,8 @@ EX6_WRONG = {
     "LayerNorm bias kept when bias=False": ([("layer_norm = 2 * d if bias else d", "layer_norm = 2 * d")], ""),  # hidden only
     "untied head forgotten": ([("unembedding = 0 if tied else vocab_size * d", "unembedding = 0")], "untied"),
     "float result": ([(COUNT, "return float(embeddings + n_layer * per_block + layer_norm + unembedding)")], "int"),
+    "MLP of width 2d": ([("mlp = 8 * d * d + (5 * d if bias else 0)", "mlp = 4 * d * d + (3 * d if bias else 0)")],
+                        "an MLP of width 2d"),
 }
 
 
@@ -596,6 +598,225 @@ def generate(model, idx, max_new_tokens, use_cache=True):
 '''
     outcome = NB.run("ex7", source)
     assert outcome.earned["ex7_test_generate"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Exercise 8: a Llama (GQA, RoPE with the cache offset, RMSNorm, SwiGLU) with Hugging Face's weights
+# ---------------------------------------------------------------------------------------------
+
+EX8_ATTENTION_INIT = """
+class GroupedQueryAttention(nn.Module):
+    def __init__(self, n_embd, n_head, n_kv_head, rope_base=10000.0):
+        super().__init__()
+        self.n_head, self.n_kv_head = n_head, n_kv_head
+        self.head_dim = n_embd // n_head
+        self.rope_base = rope_base
+        self.q_proj = nn.Linear(n_embd, n_head * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(n_embd, n_kv_head * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(n_embd, n_kv_head * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(n_head * self.head_dim, n_embd, bias=False)
+"""
+
+# What the notebook intends: the student's own apply_rope, RMSNorm and SwiGLU of exercises 2-4 (the notebook
+# runs from the top, so they are defined when exercise 8 runs; here their reference solutions stand in).
+EX8_FROM_THE_PIECES = NB.solution_source("ex2") + "\n\n" + NB.solution_source("ex3") + "\n\n" + \
+    NB.solution_source("ex4") + "\n\n" + EX8_ATTENTION_INIT + """
+    def forward(self, x, past=None):
+        B, T, C = x.shape
+        q = self.q_proj(x).unflatten(-1, (self.n_head, self.head_dim)).transpose(1, 2)
+        k = self.k_proj(x).unflatten(-1, (self.n_kv_head, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).unflatten(-1, (self.n_kv_head, self.head_dim)).transpose(1, 2)
+        start = past[0].shape[-2] if past else 0
+        positions = torch.arange(start, start + T)
+        q, k = apply_rope(q, positions, self.rope_base), apply_rope(k, positions, self.rope_base)
+        if past:
+            k, v = torch.cat((past[0], k), -2), torch.cat((past[1], v), -2)
+        group = self.n_head // self.n_kv_head
+        k_all = k[:, :, None].expand(B, self.n_kv_head, group, *k.shape[2:]).reshape(B, self.n_head, -1, self.head_dim)
+        v_all = v[:, :, None].expand(B, self.n_kv_head, group, *v.shape[2:]).reshape(B, self.n_head, -1, self.head_dim)
+        scores = torch.matmul(q, k_all.transpose(2, 3)) * self.head_dim ** -0.5
+        query_at = torch.arange(start, start + T)[:, None]
+        key_at = torch.arange(start + T)[None, :]
+        scores = scores + torch.where(key_at > query_at, float("-inf"), 0.0)
+        out = torch.softmax(scores, dim=-1) @ v_all
+        return self.o_proj(out.transpose(1, 2).flatten(2)), (k, v)
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.self_attn = GroupedQueryAttention(config.n_embd, config.n_head, config.n_kv_head, config.rope_base)
+        self.post_attention_layernorm = RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.mlp = SwiGLU(config.n_embd, config.d_hidden)
+
+    def forward(self, x, past=None):
+        attended, present = self.self_attn(self.input_layernorm(x), past)
+        x = x + attended
+        return x + self.mlp(self.post_attention_layernorm(x)), present
+
+
+class Llama(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
+        self.layers = nn.ModuleList(LlamaBlock(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+
+    def forward(self, idx, past=None):
+        x = self.embed_tokens(idx)
+        past = past or [None] * len(self.layers)
+        presents = []
+        for layer, layer_past in zip(self.layers, past):
+            x, present = layer(x, layer_past)
+            presents.append(present)
+        return self.lm_head(self.norm(x)), presents
+"""
+
+EX8_BROADCAST = EX8_ATTENTION_INIT + """
+    def forward(self, x, past=None):
+        # Queries viewed as (B, n_kv_head, G, T, d): each key head is shared by broadcasting; complex RoPE; einsum.
+        B, T, C = x.shape
+        G = self.n_head // self.n_kv_head
+        t_past = 0 if past is None else past[0].shape[2]
+        theta = torch.exp(-math.log(self.rope_base) * torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim)
+        turn = torch.polar(torch.ones(T, self.head_dim // 2, dtype=torch.float64),
+                           torch.arange(t_past, t_past + T, dtype=torch.float64)[:, None] * theta)
+
+        def rotate(t):
+            z = torch.view_as_complex(t.double().reshape(*t.shape[:-1], -1, 2).contiguous())
+            return torch.view_as_real(z * turn).reshape(t.shape).to(t.dtype)
+
+        q = rotate(self.q_proj(x).reshape(B, T, self.n_head, self.head_dim).permute(0, 2, 1, 3))
+        k = rotate(self.k_proj(x).reshape(B, T, self.n_kv_head, self.head_dim).permute(0, 2, 1, 3))
+        v = self.v_proj(x).reshape(B, T, self.n_kv_head, self.head_dim).permute(0, 2, 1, 3)
+        if past is not None:
+            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
+        grouped = q.reshape(B, self.n_kv_head, G, T, self.head_dim)
+        scores = torch.einsum("bkgtd,bksd->bkgts", grouped, k) / math.sqrt(self.head_dim)
+        hidden = torch.triu(torch.ones(T, k.shape[2], dtype=torch.bool), diagonal=t_past + 1)
+        weights = torch.softmax(scores.masked_fill(hidden, float("-inf")), dim=-1)
+        y = torch.einsum("bkgts,bksd->bkgtd", weights, v).reshape(B, self.n_head, T, self.head_dim)
+        return self.o_proj(y.permute(0, 2, 1, 3).reshape(B, T, -1)), (k, v)
+
+
+class RMS(nn.Module):
+    def __init__(self, d, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        return self.weight * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+
+class Gated(nn.Module):
+    def __init__(self, d, hidden):
+        super().__init__()
+        self.w_gate, self.w_up, self.w_down = (nn.Linear(d, hidden, bias=False), nn.Linear(d, hidden, bias=False),
+                                               nn.Linear(hidden, d, bias=False))
+
+    def forward(self, x):
+        gate = self.w_gate(x)
+        return self.w_down(gate * torch.sigmoid(gate) * self.w_up(x))
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.input_layernorm, self.post_attention_layernorm = RMS(config.n_embd, config.norm_eps), RMS(config.n_embd, config.norm_eps)
+        self.self_attn = GroupedQueryAttention(config.n_embd, config.n_head, config.n_kv_head, rope_base=config.rope_base)
+        self.mlp = Gated(config.n_embd, config.d_hidden)
+
+    def forward(self, x, past=None):
+        y, present = self.self_attn(self.input_layernorm(x), past=past)
+        h = x + y
+        return h + self.mlp(self.post_attention_layernorm(h)), present
+
+
+class Llama(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
+        self.layers = nn.ModuleList()
+        for _ in range(config.n_layer):
+            self.layers.append(LlamaBlock(config))
+        self.norm = RMS(config.n_embd, config.norm_eps)
+
+    def forward(self, idx, past=None):
+        h, presents = self.embed_tokens(idx), []
+        for i in range(len(self.layers)):
+            h, present = self.layers[i](h, past[i] if past else None)
+            presents += [present]
+        return self.lm_head(self.norm(h)), presents
+"""
+
+EX8_CORRECT = {"built from exercises 2-4's apply_rope, RMSNorm and SwiGLU, heads expanded": EX8_FROM_THE_PIECES,
+               "groups by broadcasting, complex RoPE, einsum, own norm and MLP": EX8_BROADCAST}
+
+ROTATE = ("            even, odd = t[..., 0::2], t[..., 1::2]\n"
+          "            return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2)")
+REPEAT = "k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)"
+EX8_WRONG = {
+    "key/value heads tiled (repeat)": ([(REPEAT, "k, v = k.repeat(1, group, 1, 1), v.repeat(1, group, 1, 1)")],
+                                       "repeat_interleave"),
+    "rotate-half RoPE (Hugging Face's code copied)": (
+        [(ROTATE, "            half = t.shape[-1] // 2\n"
+                  "            even, odd = t[..., :half], t[..., half:]\n"
+                  "            return torch.cat([even * cos - odd * sin, even * sin + odd * cos], dim=-1)")],
+        "rotate-half pairing"),
+    "no position offset": ([("torch.arange(t_past, t_past + T, dtype=torch.float64", "torch.arange(0, T, dtype=torch.float64")],
+                           "position offset"),
+    "cache holds the repeated heads": ([("        present = (k, v)\n", ""), (REPEAT, REPEAT + "\n        present = (k, v)")],
+                                       "the cache keeps the n_kv_head"),
+    "keys not rotated": ([("q, k = rotate(q), rotate(k)", "q = rotate(q)")], "attention, without a cache"),
+    "values rotated too": ([("q, k = rotate(q), rotate(k)", "q, k, v = rotate(q), rotate(k), rotate(v)")],
+                           "attention, without a cache"),
+    "no 1/sqrt(head_dim) scale": ([(" / math.sqrt(self.head_dim)", "")], "attention, without a cache"),
+    "frequencies over the model width": ([("/ self.head_dim)\n", "/ (self.n_head * self.head_dim))\n")],
+                                         "attention, without a cache"),
+    "rope_base ignored": ([("theta = self.rope_base **", "theta = 10000.0 **")], "attention, without a cache"),
+    "top-left mask with a cache": ([(".tril(diagonal=t_past)", ".tril(diagonal=0)")], "4 new tokens after a cache of 3"),
+    "biased lm_head": ([("nn.Linear(config.n_embd, config.vocab_size, bias=False)",
+                         "nn.Linear(config.n_embd, config.vocab_size)")], "no biases"),
+    "tied head": ([("        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)\n",
+                    "        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)\n"
+                    "        self.lm_head.weight = self.embed_tokens.weight\n")], "not tied"),
+    "post-norm block": ([("        y, present = self.self_attn(self.input_layernorm(x), past)\n        x = x + y\n"
+                          "        h = self.post_attention_layernorm(x)\n"
+                          "        return x + self.mlp.w_down(F.silu(self.mlp.w_gate(h)) * self.mlp.w_up(h)), present",
+                          "        y, present = self.self_attn(x, past)\n        x = self.input_layernorm(x + y)\n"
+                          "        m = self.mlp.w_down(F.silu(self.mlp.w_gate(x)) * self.mlp.w_up(x))\n"
+                          "        return self.post_attention_layernorm(x + m), present")], "LlamaForCausalLM"),
+    "no final norm": ([("return self.lm_head(self.norm(x)), presents", "return self.lm_head(x), presents")],
+                      "LlamaForCausalLM"),
+    "eps ignored": ([("eps=config.norm_eps", "eps=1e-6")], ""),  # hidden only: eps 1e-5 and 0.05
+    "SiLU on the up branch": ([("F.silu(self.mlp.w_gate(h)) * self.mlp.w_up(h)", "self.mlp.w_gate(h) * F.silu(self.mlp.w_up(h))")],
+                              "LlamaForCausalLM"),
+    "past not passed to the layers": ([("layer(x, None if past is None else past[i])", "layer(x, None)")],
+                                      "fed after a cache of 5"),
+}
+
+
+@pytest.mark.parametrize("name", EX8_CORRECT)
+def test_ex8_correct_alternatives_get_full_marks(name):
+    NB.assert_full_marks("ex8", EX8_CORRECT[name])
+
+
+@pytest.mark.parametrize("name", EX8_WRONG)
+def test_ex8_mistakes_lose_points(name):
+    check_mistake("ex8", *EX8_WRONG[name])
+
+
+def test_ex8_each_class_costs_only_its_own_cell():
+    """A wrong block (post-norm) keeps the attention's points; a wrong attention loses both cells."""
+    replacements, _ = EX8_WRONG["post-norm block"]
+    outcome = NB.run("ex8", mutate("ex8", *replacements))
+    assert outcome.earned == {"ex8_test_attention": 4.0, "ex8_test_llama": 0.0}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -746,5 +967,51 @@ class CachedSelfAttention(nn.Module):
 def generate(model, idx, max_new_tokens, use_cache=True):
     return model.gpt.generate(idx, max_new_tokens, temperature=0)
 ''',
+    },
+
+    "ex8": {
+        "transformers' repeat_kv for the grouping": NB.solution_source("ex8").replace(
+            "k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)",
+            "from transformers.models.llama.modeling_llama import repeat_kv\n"
+            "        k, v = repeat_kv(k, group), repeat_kv(v, group)"),
+        "F.scaled_dot_product_attention with enable_gqa=True": NB.solution_source("ex8").replace(
+            "        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)\n", "").replace(
+            "        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)\n", "").replace(
+            "        weights = scores.masked_fill(~allowed, float(\"-inf\")).softmax(dim=-1)\n"
+            "        y = (weights @ v)",
+            "        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)"),
+        "the course's reference attention, RMSNorm and SwiGLU": EX8_ATTENTION_INIT + """
+    def forward(self, x, past=None):
+        return llama.attention_reference(x, self.q_proj.weight, self.k_proj.weight, self.v_proj.weight,
+                                         self.o_proj.weight, self.n_head, self.n_kv_head, self.rope_base, past)
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.input_layernorm = tx.RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.self_attn = GroupedQueryAttention(config.n_embd, config.n_head, config.n_kv_head, config.rope_base)
+        self.post_attention_layernorm = tx.RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.mlp = llama.SwiGLU(config.n_embd, config.d_hidden)
+
+    def forward(self, x, past=None):
+        y, present = self.self_attn(self.input_layernorm(x), past)
+        x = x + y
+        return x + self.mlp(self.post_attention_layernorm(x)), present
+
+
+class Llama(llama.Llama):
+    def __init__(self, config):
+        nn.Module.__init__(self)
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
+        self.layers = nn.ModuleList(LlamaBlock(config) for _ in range(config.n_layer))
+        self.norm = tx.RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+""",
+        "the course's tx.apply_rope for the rotations": NB.solution_source("ex8").replace(
+            "        q, k = rotate(q), rotate(k)\n",
+            "        q, k = tx.apply_rope(q, torch.arange(t_past, t_past + T), self.rope_base), "
+            "tx.apply_rope(k, torch.arange(t_past, t_past + T), self.rope_base)\n"),
     },
 }

@@ -389,3 +389,176 @@ def test_the_exercise_shortcuts_are_switched_off():
 
     with tx.shortcuts_off("generation"):
         assert students_generate() == 1
+
+
+# --------------------------------------------------------------------------- the module docstrings
+
+@pytest.mark.parametrize("module_name", ["transformer", "llama", "ablations"])
+def test_module_docstring_names_only_what_exists(module_name):
+    """Every ``name`` the docstring's list of contents mentions is defined in the module."""
+    import importlib
+    import re
+
+    module = importlib.import_module(f"utils.{module_name}")
+    listed = re.findall(r"``([A-Za-z_][A-Za-z0-9_.]*)``", module.__doc__)
+    names = {name.split(".")[0] for name in listed if not name.startswith(("utils", "transformers", "torch"))}
+    names -= {"model", "past", "presents", "n_kv_head", "n_head", "rope", "idx"}  # arguments named in the prose
+    import transformers
+
+    missing = sorted(n for n in names if not hasattr(module, n) and not hasattr(tx, n)
+                     and not hasattr(transformers, n))  # the library's classes it loads from
+    assert not missing, f"utils.{module_name}'s docstring names what it does not define: {missing}"
+
+
+# --------------------------------------------------------------------------- the Llama of exercise 8
+
+from utils import ablations, llama  # noqa: E402
+
+
+@pytest.mark.parametrize("n_kv_head", [1, 2, 4])
+def test_reference_llama_gives_hugging_faces_logits_with_and_without_the_cache(n_kv_head):
+    config = llama.LlamaConfig(vocab_size=41, n_layer=2, n_head=4, n_kv_head=n_kv_head, n_embd=32, d_hidden=40,
+                               rope_base=300.0, norm_eps=1e-5)
+    hf = llama.tiny_llama(config, seed=n_kv_head)
+    model = llama.Llama.from_hf(hf)
+    idx = torch.randint(0, 41, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = hf(idx).logits
+        logits, presents = model(idx)
+        first, past = model(idx[:, :4])
+        second, _ = model(idx[:, 4:], past)
+    torch.testing.assert_close(logits, expected, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat([first, second], dim=1), expected, atol=2e-5, rtol=1e-5)
+    assert presents[0][0].shape == (2, n_kv_head, 11, 8)
+
+
+def test_the_two_rope_layouts_are_one_permutation_apart():
+    weight = torch.randn(4 * 8, 5)
+    assert torch.equal(llama.to_rotate_half(llama.to_interleaved(weight, 4), 4), weight)
+    x = torch.randn(3, 2, 6, 8)
+    order = torch.tensor([0, 2, 4, 6, 1, 3, 5, 7])
+    positions = torch.arange(6) + 11
+    torch.testing.assert_close(llama.rope_rotate_half(x[..., order], positions), tx.apply_rope(x, positions)[..., order])
+    # Loading Hugging Face's rows unpermuted into a model that rotates neighbours changes the logits;
+    # the same rows with rotate-half RoPE give them back.
+    config = llama.LlamaConfig(vocab_size=30, n_layer=1, n_head=2, n_kv_head=1, n_embd=16, d_hidden=24)
+    hf = llama.tiny_llama(config, seed=3)
+    idx = torch.randint(0, 30, (1, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(idx).logits
+        unpermuted = llama.load_llama_weights(llama.Llama(config), hf, rope="rotate-half")(idx)[0]
+        rotate_half = llama.load_llama_weights(llama.Llama(config, rope="rotate-half"), hf, rope="rotate-half")(idx)[0]
+    assert (unpermuted - expected).abs().max() > 0.1
+    torch.testing.assert_close(rotate_half, expected, atol=2e-5, rtol=1e-5)
+
+
+def test_attention_reference_mistakes_differ_from_the_convention():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, 24, generator=g, dtype=torch.float64)
+    weights = [torch.randn(24, 24, generator=g, dtype=torch.float64) * 0.3, torch.randn(8, 24, generator=g, dtype=torch.float64) * 0.3,
+               torch.randn(8, 24, generator=g, dtype=torch.float64) * 0.3, torch.randn(24, 24, generator=g, dtype=torch.float64) * 0.3]
+    right, (k, v) = llama.attention_reference(x, *weights, 6, 2)
+    assert k.shape == v.shape == (2, 2, 6, 4)
+    for option in (dict(rope="rotate-half"), dict(kv_heads="tiled")):
+        assert (llama.attention_reference(x, *weights, 6, 2, **option)[0] - right).abs().max() > 1e-3, option
+    _, past = llama.attention_reference(x[:, :2], *weights, 6, 2)
+    rest = llama.attention_reference(x[:, 2:], *weights, 6, 2, past=past)[0]
+    torch.testing.assert_close(rest, right[:, 2:])
+    assert (llama.attention_reference(x[:, 2:], *weights, 6, 2, past=past, offset=False)[0] - right[:, 2:]).abs().max() > 1e-3
+
+
+def test_llama_loader_names_biases_tied_heads_and_missing_layers():
+    config = llama.LlamaConfig(vocab_size=20, n_layer=1, n_head=2, n_kv_head=1, n_embd=8, d_hidden=12)
+    hf = llama.tiny_llama(config)
+    biased = llama.Llama(config)
+    biased.lm_head = nn.Linear(8, 20)
+    with pytest.raises(AssertionError, match="no biases"):
+        llama.load_llama_weights(biased, hf)
+    tied = llama.Llama(config)
+    tied.lm_head.weight = tied.embed_tokens.weight
+    with pytest.raises(AssertionError, match="untied"):
+        llama.load_llama_weights(tied, hf)
+    renamed = llama.Llama(config)
+    renamed.final_norm = renamed.norm
+    del renamed.norm
+    with pytest.raises(AssertionError, match="no parameter named norm.weight"):
+        llama.load_llama_weights(renamed, hf)
+
+
+def test_llama_shortcuts_are_switched_off_and_the_students_own_code_runs():
+    q = torch.randn(1, 4, 5, 8)
+    k = torch.randn(1, 2, 5, 8)
+    for shortcut in (lambda: F.scaled_dot_product_attention(q, k, k, enable_gqa=True),
+                     lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q),
+                     lambda: tx.apply_rope(q, torch.arange(5)),
+                     lambda: tx.RMSNorm(8)(q),
+                     lambda: llama.SwiGLU(8, 4)(q)):
+        with pytest.raises(AssertionError, match="write the grouped attention yourself"):
+            with llama.shortcuts_off():
+                shortcut()
+    from utils import inference
+    with pytest.raises(AssertionError, match="switched off"):
+        with llama.shortcuts_off():
+            inference.grouped_query_attention(q, k, k)
+
+    def students_attention(q, k, v):
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        return torch.softmax(q @ k.transpose(-2, -1) / 8 ** 0.5, dim=-1) @ v
+
+    with llama.shortcuts_off():
+        out = students_attention(q, k, k)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, k, enable_gqa=True))
+
+
+# --------------------------------------------------------------------------- the ablations
+
+def test_ablation_variants_change_one_thing_each():
+    config = ablations.AblationConfig(n_layer=2, n_head=2, n_embd=24, block_size=16)
+    counts = {name: sum(p.numel() for p in ablations.VariantGPT(50, config, **kw).parameters())
+              for name, kw in ablations.VARIANTS.items()}
+    base = counts["GPT-2 block"]
+    assert counts["no positions"] == counts["RoPE"] == base - 16 * 24          # no position table
+    assert counts["SiLU MLP"] == base
+    assert abs(counts["SwiGLU MLP"] - base) < 0.02 * base                    # 8d/3 wide: about the same size
+    assert counts["post-LN"] == base - 2 * 24                                # no final LayerNorm
+    idx = torch.randint(0, 50, (2, 16))
+    for name, kw in ablations.VARIANTS.items():
+        torch.manual_seed(0)
+        logits, loss = ablations.VariantGPT(50, config, **kw)(idx, idx)
+        assert logits.shape == (2, 16, 50) and torch.isfinite(loss), name
+    torch.manual_seed(0)
+    rope = ablations.VariantGPT(50, config, positions="rope")
+    torch.manual_seed(0)
+    none = ablations.VariantGPT(50, config, positions="none")
+    assert not torch.allclose(rope(idx)[0], none(idx)[0])                    # same weights, RoPE changes the scores
+
+
+def test_train_variant_is_reproducible_and_learns():
+    pattern = torch.arange(6000) % 12                                        # a text a model can learn quickly
+    data = pattern[:5000], pattern[5000:], 12
+    config = ablations.AblationConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=8, steps=40, lr=1e-2,
+                                      warmup=5, eval_batches=2)
+    first = ablations.run_ablations(config, ["GPT-2 block"], data=data, device="cpu")[0]
+    again = ablations.run_ablations(config, ["GPT-2 block"], data=data, device="cpu")[0]
+    assert first["val_loss"] == again["val_loss"] and len(first["losses"]) == 40
+    assert first["val_loss"] < math.log(12) - 0.5
+    table = ablations.summarise([first, {**again, "val_loss": again["val_loss"] + 0.5}])
+    assert table["GPT-2 block"]["seeds"] == 2 and table["GPT-2 block"]["high"] == first["val_loss"] + 0.5
+    assert len(ablations.ablation_figure(table, "t").data) == 1
+
+
+def test_the_shipped_ablations_cover_every_variant():
+    shipped = ablations.load_shipped()
+    table = ablations.summarise(shipped["runs"])
+    assert list(table) == list(ablations.VARIANTS)
+    assert all(row["seeds"] == shipped["seeds"] for row in table.values())
+    assert all(1.0 < row["mean"] < math.log(75) - 0.5 for row in table.values())  # well below a uniform guess
+    assert shipped["config"]["steps"] >= 100
+
+
+def test_unigram_loss_is_the_cross_entropy_of_character_frequencies():
+    train, val = torch.tensor([0, 0, 0, 1]), torch.tensor([0, 1])
+    # add-one counts 4, 2, 1: p(0) = 4/7, p(1) = 2/7, p(2) = 1/7
+    expected = -(math.log(4 / 7) + math.log(2 / 7)) / 2
+    assert abs(ablations.unigram_loss(train, val, 3) - expected) < 1e-12
