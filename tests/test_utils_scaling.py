@@ -147,7 +147,7 @@ def test_in_context_regression_pieces():
     errors = emergence.in_context_errors(model, 3, 6, batch=50)
     # Least squares is exact once the prompt holds as many examples as dimensions.
     assert max(errors["least squares on the examples"][3:]) < 1e-8
-    assert set(errors) == {"predict 0", "least squares on the examples", "transformer, in context"}
+    assert set(errors) == {"guess the mean (0)", "least squares on the examples", "transformer, in context"}
 
 
 def test_induction_pieces():
