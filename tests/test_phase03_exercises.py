@@ -8,10 +8,10 @@ from notebook_harness import SourceNotebook
 
 NB = SourceNotebook("solutions/03_pretraining/pretraining.ipynb")
 mutate = NB.mutate
-EXERCISES = ["ex1", "ex2", "ex3", "ex4", "ex5", "ex6", "ex7", "ex8", "ex9"]
+EXERCISES = ["ex1", "ex2", "ex3", "ex4", "ex5", "ex6", "ex7", "ex8", "ex9", "ex10"]
 
 
-def test_phase_has_the_nine_exercises_in_order():
+def test_phase_has_the_ten_exercises_in_order():
     assert NB.exercises() == EXERCISES
 
 
@@ -818,6 +818,143 @@ def test_ex9_modifying_the_logits_in_place_loses_points():
 
 
 # ---------------------------------------------------------------------------------------------
+# Exercise 10: one training step with gradient accumulation, and the evaluation
+# ---------------------------------------------------------------------------------------------
+
+EX10_CORRECT = {
+    "gradients set to None by hand, zip over range first, losses stacked, inference_mode": '''
+def train_step(model, optimizer, scheduler, batches, grad_accum_steps, max_grad_norm, clip_grad_norm):
+    for p in model.parameters():
+        p.grad = None
+    losses = []
+    for _, (x, y) in zip(range(grad_accum_steps), batches):
+        loss = model(x, y)[1]
+        (loss * (1.0 / grad_accum_steps)).backward()
+        losses.append(loss.detach())
+    if max_grad_norm is not None and max_grad_norm > 0:
+        clip_grad_norm(model.parameters(), max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad()
+    scheduler.step()
+    return torch.stack(losses).mean().item()
+
+
+def evaluate(model, batches):
+    mode = model.training
+    model.train(False)
+    with torch.inference_mode():
+        total = sum(model(x, y)[1] for x, y in batches)
+    model.train(mode)
+    return float(total / len(batches))
+''',
+    "token-weighted accumulation, zeroed in place, a decorated evaluate with try/finally": '''
+def train_step(model, optimizer, scheduler, batches, grad_accum_steps, max_grad_norm, clip_grad_norm):
+    micro = [next(batches) for _ in range(grad_accum_steps)]
+    tokens = sum(y.numel() for _, y in micro)
+    optimizer.zero_grad(set_to_none=False)
+    total = 0.0
+    for x, y in micro:
+        _, loss = model(x, y)
+        (loss * y.numel() / tokens).backward()
+        total += loss.item() * y.numel()
+    if max_grad_norm:
+        clip_grad_norm(model.parameters(), max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    return total / tokens
+
+
+@torch.no_grad()
+def evaluate(model, batches):
+    was = model.training
+    model.eval()
+    try:
+        return sum(model(x, y)[1].item() for x, y in batches) / len(batches)
+    finally:
+        model.train(was)
+''',
+}
+
+EX10_WRONG = {
+    "loss not divided by grad_accum_steps": (("(loss / grad_accum_steps).backward()", "loss.backward()"),
+                                             "not divided by grad_accum_steps"),
+    "zero_grad before every micro-batch": (("        x, y = next(batches)\n",
+                                            "        x, y = next(batches)\n        optimizer.zero_grad(set_to_none=True)\n"),
+                                           "zero_grad before every micro-batch"),
+    "no zero_grad": (("    optimizer.zero_grad(set_to_none=True)        # stale gradients must not count\n", ""),
+                     "no zero_grad"),
+    "zero_grad only after the step": (
+        ("    optimizer.zero_grad(set_to_none=True)        # stale gradients must not count\n", ""),
+        ("    scheduler.step()\n", "    scheduler.step()\n    optimizer.zero_grad(set_to_none=True)\n"),
+        "zero_grad only after optimizer.step"),
+    "clipping after every micro-batch": (
+        ("        total += loss.item()\n",
+         "        total += loss.item()\n        if max_grad_norm:\n            clip_grad_norm(model.parameters(), max_grad_norm)\n"),
+        ("    if max_grad_norm:\n        clip_grad_norm(model.parameters(), max_grad_norm)   # once, on the whole batch's gradient\n", ""),
+        "was called 6 times"),
+    "clipping after the optimizer step": (
+        ("    if max_grad_norm:\n        clip_grad_norm(model.parameters(), max_grad_norm)   # once, on the whole batch's gradient\n"
+         "    optimizer.step()\n",
+         "    optimizer.step()\n    if max_grad_norm:\n        clip_grad_norm(model.parameters(), max_grad_norm)\n"),
+        "clipping after optimizer.step"),
+    "no clipping": (("        clip_grad_norm(model.parameters(), max_grad_norm)   # once, on the whole batch's gradient\n",
+                     "        pass\n"), "was called 0 times"),
+    "scheduler stepped after every micro-batch": (
+        ("        total += loss.item()\n", "        total += loss.item()\n        scheduler.step()\n"),
+        ("    optimizer.step()\n    scheduler.step()\n", "    optimizer.step()\n"),
+        "scheduler.step() after every micro-batch"),
+    "one micro-batch too many taken (zip with the iterator first)": (
+        ("    for _ in range(grad_accum_steps):\n        x, y = next(batches)\n",
+         "    for (x, y), _ in zip(batches, range(grad_accum_steps)):\n"),
+        "micro-batches from `batches` instead of 6"),
+    "the last micro-batch's loss returned": (("    return total / grad_accum_steps", "    return loss.item()"),
+                                             "the losses train_step returned"),
+    "clipping at max_grad_norm=0 (only None skipped)": (("    if max_grad_norm:\n", "    if max_grad_norm is not None:\n"),
+                                                        None),
+    "evaluation in training mode": (("    model.eval()\n", ""), "dropout was on"),
+    "evaluation with autograd on": (("    with torch.no_grad():\n", "    if True:\n"), "autograd on"),
+    "mode not restored": (("    model.train(was_training)\n", ""), "restore the mode"),
+    "always back to training mode": (("model.train(was_training)", "model.train()"), None),
+    "sum of the batch losses": (("return sum(losses) / len(losses)", "return sum(losses)"), "the mean loss over the batches"),
+}
+
+
+@pytest.mark.parametrize("name", EX10_CORRECT)
+def test_ex10_correct_alternatives_get_full_marks(name):
+    check_correct("ex10", EX10_CORRECT[name])
+
+
+@pytest.mark.parametrize("name", EX10_WRONG)
+def test_ex10_mistakes_lose_points(name):
+    *replacements, message = EX10_WRONG[name]
+    check_wrong("ex10", mutate("ex10", *replacements), message)
+
+
+def test_ex10_step_and_evaluation_are_graded_separately():
+    outcome = NB.run("ex10", mutate("ex10", ("(loss / grad_accum_steps).backward()", "loss.backward()"),
+                                    ("    model.eval()\n", "")))
+    assert outcome.earned == {"ex10_test_step": 0, "ex10_test_evaluate": 0}
+    outcome = NB.run("ex10", mutate("ex10", ("(loss / grad_accum_steps).backward()", "loss.backward()")))
+    assert outcome.earned["ex10_test_evaluate"] == outcome.possible["ex10_test_evaluate"]
+    assert outcome.earned["ex10_test_step"] == 0
+    outcome = NB.run("ex10", mutate("ex10", ("    model.eval()\n", "")))
+    assert outcome.earned["ex10_test_step"] == outcome.possible["ex10_test_step"]
+    assert outcome.earned["ex10_test_evaluate"] == 0
+
+
+def test_ex10_every_mistake_the_tests_name_is_caught_by_the_hidden_tests_alone():
+    """Each entry of pretraining.TRAIN_STEP_MISTAKES, submitted as the student's step, scores 0 on the step cell."""
+    from utils import pretraining
+
+    evaluate = "def evaluate" + NB.solution_source("ex10").split("def evaluate", 1)[1]
+    for key in pretraining.TRAIN_STEP_MISTAKES:
+        source = (f"def train_step(*args):\n    return pretraining.train_step_with_mistake({key!r}, *args)\n\n\n"
+                  + evaluate)
+        outcome = NB.run("ex10", source)
+        assert outcome.earned["ex10_test_step"] == 0, key
+
+
+# ---------------------------------------------------------------------------------------------
 # Shortcuts: the library or course call that does an exercise's work earns nothing
 # (tests/test_shortcuts_every_phase.py runs every row through every test cell of its exercise)
 # ---------------------------------------------------------------------------------------------
@@ -979,8 +1116,42 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 }
 
 
+SHORTCUTS["ex10"] = {
+    "the course's own step and evaluation (pretraining.train_step, pretraining.evaluate)": '''
+def train_step(model, optimizer, scheduler, batches, grad_accum_steps, max_grad_norm, clip_grad_norm):
+    return pretraining.train_step(model, optimizer, scheduler, batches, grad_accum_steps, max_grad_norm,
+                                  clip_grad_norm)
+
+
+def evaluate(model, batches):
+    return pretraining.evaluate(model, batches)
+''',
+    "PyTorch's clip_grad_norm_ instead of the function given, and pretraining.estimate_loss": '''
+def train_step(model, optimizer, scheduler, batches, grad_accum_steps, max_grad_norm, clip_grad_norm):
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for _ in range(grad_accum_steps):
+        x, y = next(batches)
+        loss = model(x, y)[1]
+        (loss / grad_accum_steps).backward()
+        total += loss.item()
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    return total / grad_accum_steps
+
+
+def evaluate(model, batches):
+    pending = iter(batches)
+    return pretraining.estimate_loss(model, {"batches": None}, lambda *args: next(pending), batch_size=0,
+                                     block_size=0, iters=len(batches))["batches"]
+''',
+}
+
+
 def test_every_exercise_has_a_shortcut_row():
-    assert sorted(SHORTCUTS) == EXERCISES
+    assert sorted(SHORTCUTS) == sorted(EXERCISES)
 
 
 @pytest.mark.parametrize("exercise,name", [(e, n) for e, rows in SHORTCUTS.items() for n in rows])

@@ -304,6 +304,129 @@ def test_training_state_resumes_bit_for_bit(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread, and steadily on a busy machine (two threads can be 10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _step_setup(seed=0, stale=True, momentum=0.9):
+    """A float64 GPT (stale gradients in .grad), SGD and a rate that changes at every step."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16)).double()
+    if stale:
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.3, momentum=momentum)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
+    return model, optimizer, scheduler
+
+
+def _flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def test_train_step_accumulates_to_the_gradient_of_the_whole_batch(one_thread):
+    g = torch.Generator().manual_seed(1)
+    big = [(torch.randint(0, 11, (8, 6), generator=g), torch.randint(0, 11, (8, 6), generator=g)) for _ in range(3)]
+    # By hand: the whole batch at once, the gradient clipped by PyTorch, one step of each.
+    model, optimizer, scheduler = _step_setup()
+    for x, y in big:
+        optimizer.zero_grad()
+        model(x, y)[1].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+        optimizer.step()
+        scheduler.step()
+    by_hand = _flat(model)
+    # train_step: the same batches cut into 4 micro-batches of 2 sequences.
+    model, optimizer, scheduler = _step_setup()
+    micro = iter([(x[i:i + 2], y[i:i + 2]) for x, y in big for i in range(0, 8, 2)])
+    losses = [pretraining.train_step(model, optimizer, scheduler, micro, 4, 0.1) for _ in big]
+    assert torch.allclose(_flat(model), by_hand, atol=1e-12, rtol=1e-10)
+    assert all(type(loss) is float for loss in losses)
+    assert next(micro, None) is None                       # exactly 4 micro-batches per step were taken
+    assert scheduler.last_epoch == 3                       # one scheduler step per optimizer step
+
+
+def test_train_step_mistakes_are_each_a_different_run(one_thread):
+    g = torch.Generator().manual_seed(2)
+    pairs = [(torch.randint(0, 11, (2, 6), generator=g), torch.randint(0, 11, (2, 6), generator=g)) for _ in range(6)]
+
+    def run(step, max_norm):
+        model, optimizer, scheduler = _step_setup()
+        batches = iter(pairs)
+        for _ in range(3):
+            step(model, optimizer, scheduler, batches, 2, max_norm, torch.nn.utils.clip_grad_norm_)
+        return _flat(model)
+
+    # Clipping that always binds hides the undivided loss (both clip to the same vector); clipping that never
+    # binds hides the clipping mistakes: exercise 10's visible test runs both, and so does this check.
+    for key in pretraining.TRAIN_STEP_MISTAKES:
+        gaps = [float((run(lambda *a: pretraining.train_step_with_mistake(key, *a), norm)
+                       - run(pretraining.train_step, norm)).abs().max()) for norm in (0.05, 100.0)]
+        assert max(gaps) > 1e-4, (key, gaps)
+    with pytest.raises(ValueError):
+        pretraining.train_step_with_mistake("no such mistake", *_step_setup(), iter(pairs), 2, None)
+
+
+def test_evaluate_is_the_eval_mode_mean_without_a_graph_and_restores_the_mode(one_thread):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16, dropout=0.5)).double()
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randint(0, 11, (3, 8), generator=g), torch.randint(0, 11, (3, 8), generator=g)) for _ in range(4)]
+    model.eval()
+    with torch.no_grad():
+        expected = sum(float(model(x, y)[1]) for x, y in batches) / 4
+    for training in (True, False):
+        model.train(training)
+        value = pretraining.evaluate(model, batches)
+        assert model.training is training
+        assert value == pytest.approx(expected, rel=1e-12)
+        assert all(p.grad is None for p in model.parameters())
+
+
+def test_train_accumulates_and_takes_your_step_and_evaluation(one_thread):
+    calls = collections.Counter()
+
+    def my_step(*args):
+        calls["step"] += 1
+        assert args[4] == 3                                 # grad_accum_steps reaches the step
+        return pretraining.train_step(*args)
+
+    def my_evaluate(model, batches):
+        calls["evaluate"] += 1
+        assert len(batches) == 2
+        return pretraining.evaluate(model, batches)
+
+    torch.manual_seed(0)
+    data = torch.tensor(pretraining.CharTokenizer.from_text("abcdefgh ").encode("abc def gh " * 200))
+    model = GPT(GPTConfig(vocab_size=9, block_size=16, n_layer=1, n_head=2, n_embd=32))
+    config = pretraining.TrainConfig(max_iters=6, batch_size=4, block_size=16, learning_rate=1e-2, warmup_iters=2,
+                                     eval_interval=3, eval_iters=2, grad_accum_steps=3)
+    result = pretraining.train(model, data[:1800], data[1800:], config, get_batch, show_progress=False,
+                               step_fn=my_step, evaluate_fn=my_evaluate)
+    assert calls == {"step": 6, "evaluate": 4}             # evaluations at 3 and 6, two splits each
+    assert result.tokens == 6 * 3 * 4 * 16 and len(result.losses) == 6
+
+
+def test_lr_sweep_finds_diverged_runs_and_draws_them():
+    data = torch.tensor(pretraining.CharTokenizer.from_text("abcdefgh ").encode("abc def gh " * 200))
+    threads = torch.get_num_threads()
+    sweep = pretraining.lr_sweep(data[:1800], data[1800:], 9, [1e-2, 1e4], get_batch, steps=4, batch_size=4,
+                                 block_size=16, model_config=dict(n_layer=1, n_head=1, n_embd=8), eval_iters=1,
+                                 show_progress=False)
+    assert torch.get_num_threads() == threads
+    assert sweep["diverged"] == [False, True]
+    assert len(sweep["losses"]) == 2 and all(len(losses) == 4 for losses in sweep["losses"])
+    assert sweep["tokens"] == 4 * 4 * 16 and sweep["parameters"] > 0
+    fig = pretraining.lr_sweep_figure(sweep, baselines={"uniform": 2.2})
+    assert len(fig.data) == 4                              # two curves, the finite points, the diverged cross
+    assert len(fig.layout.shapes) == 2                     # the baseline on both panels
+
+
 # ---------------------------------------------------------------------------------------------
 # Objectives, memory
 # ---------------------------------------------------------------------------------------------

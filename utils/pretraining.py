@@ -14,8 +14,11 @@ the exercises' tests switch them off while your code runs.
   ``gpt2_split`` and ``split_special_tokens`` (for end-of-text and chat-template markers)
 * data: ``train_val_split``, ``random_batch`` (the reference batch sampler, for later phases)
 * three objectives on one backbone: ``TinyEncoder``, ``compare_objectives``, ``objectives_figure``
-* the training loop: ``TrainConfig``, ``make_optimizer``, ``make_scheduler``, ``train``,
-  ``estimate_loss``, ``LiveLossPlot``, ``save_training_state``, ``load_training_state``
+* the training loop: ``TrainConfig``, ``make_optimizer``, ``make_scheduler``, ``train_step`` (one
+  optimizer step over accumulated micro-batches), ``evaluate``, ``train``, ``estimate_loss``,
+  ``LiveLossPlot``, ``save_training_state``, ``load_training_state``
+* a learning-rate sweep: ``lr_sweep``, ``lr_sweep_figure``; ``one_thread`` (tiny models on a busy machine)
+* the common mistakes of exercise 10, for its tests: ``TRAIN_STEP_MISTAKES``, ``train_step_with_mistake``
 * memory: ``saved_activation_bytes``, ``loss_with_activation_checkpointing``
 * sampling: ``generate_text``, ``sampling_explorer``
 * the shipped model: ``load_pretrained`` (and ``make_checkpoint``, which
@@ -28,9 +31,11 @@ import contextlib
 import functools
 import html
 import importlib.util
+import math
 import os
 import re
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -386,6 +391,19 @@ class TinyEncoder(nn.Module):
         return self.head(self.norm(x))
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Run the block on one CPU thread, then restore the thread count. For models of a few thousand to a
+    few hundred thousand parameters: a second thread gains little on a quiet machine, and on a busy one
+    (other processes on every core) the threads wait for each other and a step can take ten times longer."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def compare_objectives(data: torch.Tensor, vocab_size: int, get_batch: Callable, mask_tokens: Callable, *,
                        steps: int = 200, batch_size: int = 16, block_size: int = 64, lr: float = 3e-3,
                        electra_weight: float = 50.0, seed: int = 0, electra_loss: Callable | None = None) -> dict:
@@ -422,6 +440,17 @@ def compare_objectives(data: torch.Tensor, vocab_size: int, get_batch: Callable,
     signal = {name: [] for name in models}
     seconds = dict.fromkeys(models, 0.0)
     g = torch.Generator().manual_seed(seed)
+    with one_thread():
+        _train_objectives(models, electra_generator, optimizers, losses, signal, seconds, data, vocab_size, get_batch,
+                          mask_tokens, g, steps=steps, batch_size=batch_size, block_size=block_size, mask_id=mask_id,
+                          electra_weight=electra_weight, electra_loss=electra_loss)
+    return {"losses": losses, "signal": {n: sum(s) / max(1, len(s)) for n, s in signal.items()},
+            "models": {**models, "ELECTRA generator": electra_generator}, "seconds": seconds,
+            "mask_id": mask_id}
+
+
+def _train_objectives(models, electra_generator, optimizers, losses, signal, seconds, data, vocab_size, get_batch,
+                      mask_tokens, g, *, steps, batch_size, block_size, mask_id, electra_weight, electra_loss):
     for _ in runtime.progress(range(steps), desc="three objectives"):
         x, y = get_batch(data, batch_size, block_size, g)
         for name, model in models.items():
@@ -458,9 +487,6 @@ def compare_objectives(data: torch.Tensor, vocab_size: int, get_batch: Callable,
             seconds[name] += time.perf_counter() - start
             losses[name].append(losses_disc if name == "ELECTRA" else loss.item())
             signal[name].append(covered)
-    return {"losses": losses, "signal": {n: sum(s) / max(1, len(s)) for n, s in signal.items()},
-            "models": {**models, "ELECTRA generator": electra_generator}, "seconds": seconds,
-            "mask_id": mask_id}
 
 
 def objectives_figure(result: dict):
@@ -543,6 +569,7 @@ class TrainConfig:
     eval_interval: int = 250
     eval_iters: int = 20
     seed: int = 1337
+    grad_accum_steps: int = 1   # micro-batches of batch_size sequences per optimizer step
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig, optimizer_class=None) -> torch.optim.Optimizer:
@@ -581,21 +608,128 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
     return SequentialLR(optimizer, stages, milestones=milestones)
 
 
-@torch.no_grad()
-def estimate_loss(model: nn.Module, splits: dict, get_batch: Callable, *, batch_size: int, block_size: int,
-                  iters: int, generator: torch.Generator | None = None, device=None) -> dict:
-    """The mean loss of ``model`` over ``iters`` random batches of each split (``{"train": ids, ...}``)."""
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, batches, grad_accum_steps: int,
+               max_grad_norm: float | None, clip_grad_norm: Callable | None = None) -> float:
+    """One optimizer step over ``grad_accum_steps`` micro-batches; returns their mean loss (a float).
+
+    The reference of exercise 10 and the step ``train`` takes by default. The order matters:
+
+    1. clear the gradients (``zero_grad(set_to_none=True)``): what ``.grad`` held before must not count;
+    2. for each micro-batch ``(x, y) = next(batches)``: ``loss = model(x, y)[1]``, and backward of
+       ``loss / grad_accum_steps``. Every micro-batch has the same number of tokens, so the
+       accumulated gradient is the gradient of the mean loss over all of them;
+    3. once, after the last backward: ``clip_grad_norm(model.parameters(), max_grad_norm)``
+       (skipped when ``max_grad_norm`` is None or 0; PyTorch's ``clip_grad_norm_`` by default);
+    4. ``optimizer.step()``, then ``scheduler.step()``: one of each per call, never per micro-batch.
+    """
+    clip_grad_norm = clip_grad_norm or torch.nn.utils.clip_grad_norm_
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for _ in range(grad_accum_steps):
+        x, y = next(batches)
+        _, loss = model(x, y)
+        (loss / grad_accum_steps).backward()
+        total += loss.item()
+    if max_grad_norm:
+        clip_grad_norm(model.parameters(), max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    return total / grad_accum_steps
+
+
+
+# The common mistakes of exercise 10, as the tests recognise them (``train_step_with_mistake``).
+TRAIN_STEP_MISTAKES = {
+    "undivided": "the loss of each micro-batch not divided by grad_accum_steps",
+    "zero per micro-batch": "zero_grad before every micro-batch (only the last micro-batch's gradient is left)",
+    "no zero": "no zero_grad (gradients pile up from one step to the next)",
+    "zero after step": "zero_grad only after optimizer.step (the gradients .grad held on entry were added in)",
+    "clip per micro-batch": "clipping after every micro-batch instead of once, after the last one",
+    "clip after step": "clipping after optimizer.step (the step used the unclipped gradient)",
+    "no clip": "no clipping",
+    "scheduler per micro-batch": "scheduler.step() after every micro-batch instead of once per optimizer step",
+    "step per micro-batch": "optimizer.step() after every micro-batch (no accumulation at all)",
+}
+
+
+def train_step_with_mistake(mistake: str, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, batches,
+                            grad_accum_steps: int, max_grad_norm: float | None,
+                            clip_grad_norm: Callable | None = None) -> float:
+    """``train_step`` with one of the mistakes of ``TRAIN_STEP_MISTAKES`` (a key): what the tests of
+    exercise 10 compare a wrong answer with, to name the mistake."""
+    if mistake not in TRAIN_STEP_MISTAKES:
+        raise ValueError(f"unknown mistake {mistake!r}")
+    with warnings.catch_warnings():   # PyTorch warns when the scheduler steps before the optimizer
+        warnings.simplefilter("ignore")
+        return _step_with_mistake(mistake, model, optimizer, scheduler, batches, grad_accum_steps, max_grad_norm,
+                                  clip_grad_norm)
+
+
+def _step_with_mistake(mistake, model, optimizer, scheduler, batches, grad_accum_steps, max_grad_norm, clip_grad_norm):
+    clip = clip_grad_norm or torch.nn.utils.clip_grad_norm_
+    clipping = bool(max_grad_norm) and mistake != "no clip"
+    if mistake not in ("no zero", "zero after step"):
+        optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for i in range(grad_accum_steps):
+        x, y = next(batches)
+        if mistake in ("zero per micro-batch", "step per micro-batch"):
+            optimizer.zero_grad(set_to_none=True)
+        _, loss = model(x, y)
+        (loss if mistake in ("undivided", "step per micro-batch") else loss / grad_accum_steps).backward()
+        total += loss.item()
+        if mistake == "clip per micro-batch" and clipping:
+            clip(model.parameters(), max_grad_norm)
+        if mistake == "scheduler per micro-batch":
+            scheduler.step()
+        if mistake == "step per micro-batch":
+            if clipping:
+                clip(model.parameters(), max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+    if mistake == "step per micro-batch":
+        return total / grad_accum_steps
+    if clipping and mistake not in ("clip per micro-batch", "clip after step"):
+        clip(model.parameters(), max_grad_norm)
+    optimizer.step()
+    if mistake == "clip after step" and clipping:
+        clip(model.parameters(), max_grad_norm)
+    if mistake == "zero after step":
+        optimizer.zero_grad(set_to_none=True)
+    if mistake != "scheduler per micro-batch":
+        scheduler.step()
+    return total / grad_accum_steps
+
+def evaluate(model: nn.Module, batches) -> float:
+    """The mean of ``model(x, y)[1]`` over the ``(x, y)`` pairs of ``batches`` (one weight per batch),
+    computed in eval mode (no dropout) without autograd; the model's mode is restored afterwards.
+    The reference of exercise 10."""
     was_training = model.training
     model.eval()
+    try:
+        with torch.no_grad():
+            total, count = 0.0, 0
+            for x, y in batches:
+                total += float(model(x, y)[1])
+                count += 1
+    finally:
+        model.train(was_training)
+    return total / count
+
+
+def estimate_loss(model: nn.Module, splits: dict, get_batch: Callable, *, batch_size: int, block_size: int,
+                  iters: int, generator: torch.Generator | None = None, device=None,
+                  evaluate_fn: Callable | None = None) -> dict:
+    """The mean loss of ``model`` over ``iters`` random batches of each split (``{"train": ids, ...}``),
+    by ``evaluate_fn(model, batches)`` (``evaluate`` by default)."""
+    evaluate_fn = evaluate_fn or evaluate
     out = {}
     for name, data in splits.items():
-        total = 0.0
+        batches = []
         for _ in range(iters):
             x, y = get_batch(data, batch_size, block_size, generator)
-            _, loss = model(x.to(device), y.to(device))
-            total += float(loss)
-        out[name] = total / iters
-    model.train(was_training)
+            batches.append((x.to(device), y.to(device)))
+        out[name] = float(evaluate_fn(model, batches))
     return out
 
 
@@ -619,19 +753,23 @@ class TrainResult:
 def train(model: nn.Module, train_data: torch.Tensor, val_data: torch.Tensor, config: TrainConfig,
           get_batch: Callable, *, optimizer: torch.optim.Optimizer | None = None, scheduler=None,
           clip_grad_norm: Callable | None = None, device=None, live_plot: "LiveLossPlot | None" = None,
-          show_progress: bool = True, final_eval: bool = True) -> TrainResult:
+          show_progress: bool = True, final_eval: bool = True, step_fn: Callable | None = None,
+          evaluate_fn: Callable | None = None) -> TrainResult:
     """Train ``model`` (a ``GPT``: ``model(x, y)`` returns ``(logits, loss)``) for ``config.max_iters``
     iterations and return a ``TrainResult``.
 
-    Each iteration: a batch from ``get_batch(train_data, batch_size, block_size, generator)``,
-    forward, backward, gradient clipping (``clip_grad_norm(parameters, max_norm)``, PyTorch's
-    ``clip_grad_norm_`` by default), an optimizer step (``make_optimizer`` by default) and a
-    scheduler step (``make_scheduler``). Every ``eval_interval`` iterations, and at the end, the
-    train and validation losses are estimated on ``eval_iters`` batches each. Batches come from
-    a generator seeded with ``config.seed``, so a run repeats exactly on the same machine.
+    Each iteration is ``step_fn(model, optimizer, scheduler, batches, config.grad_accum_steps,
+    config.grad_clip, clip_grad_norm)`` (``train_step`` by default; your exercise 10 fits): micro-batches
+    from ``get_batch(train_data, batch_size, block_size, generator)``, forward, backward, gradient
+    clipping (``clip_grad_norm(parameters, max_norm)``, PyTorch's ``clip_grad_norm_`` by default), an
+    optimizer step (``make_optimizer`` by default) and a scheduler step (``make_scheduler``). Every
+    ``eval_interval`` iterations, and at the end, the train and validation losses are estimated on
+    ``eval_iters`` batches each by ``evaluate_fn`` (``evaluate`` by default). Batches come from a
+    generator seeded with ``config.seed``, so a run repeats exactly on the same machine.
     """
     device = device or next(model.parameters()).device
     clip_grad_norm = clip_grad_norm or torch.nn.utils.clip_grad_norm_
+    step_fn = step_fn or train_step
     optimizer = optimizer or make_optimizer(model, config)
     scheduler = scheduler or make_scheduler(optimizer, config)
     generator = torch.Generator().manual_seed(config.seed)
@@ -644,29 +782,28 @@ def train(model: nn.Module, train_data: torch.Tensor, val_data: torch.Tensor, co
     def evaluate(iteration):
         losses = estimate_loss(model, splits, get_batch, batch_size=config.batch_size,
                                block_size=config.block_size, iters=config.eval_iters,
-                               generator=eval_generator, device=device)
+                               generator=eval_generator, device=device, evaluate_fn=evaluate_fn)
         result.evals.append((iteration, losses["train"], losses["val"]))
         if live_plot is not None:
             live_plot.add_eval(iteration, losses["train"], losses["val"])
         return losses
 
+    def draw():
+        while True:   # drawn lazily: one batch per micro-batch, in order
+            x, y = get_batch(train_data, config.batch_size, config.block_size, generator)
+            yield x.to(device), y.to(device)
+
+    batches = draw()
     bar = runtime.progress(range(config.max_iters), desc="training", disable=not show_progress or runtime.is_grading())
     for it in bar:
         if config.eval_interval and it % config.eval_interval == 0 and it > 0:
             losses = evaluate(it)
             bar.set_postfix(val=f"{losses['val']:.3f}")
-        x, y = get_batch(train_data, config.batch_size, config.block_size, generator)
-        x, y = x.to(device), y.to(device)
-        _, loss = model(x, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip:
-            clip_grad_norm(model.parameters(), config.grad_clip)
         result.lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-        result.losses.append(loss.item())
-        result.tokens += x.numel()
+        loss = step_fn(model, optimizer, scheduler, batches, config.grad_accum_steps, config.grad_clip or None,
+                       clip_grad_norm)
+        result.losses.append(float(loss))
+        result.tokens += config.grad_accum_steps * config.batch_size * config.block_size
         if live_plot is not None:
             live_plot.add_loss(it, result.losses[-1])
     result.train_seconds = time.perf_counter() - start
@@ -729,6 +866,96 @@ class LiveLossPlot:
         self.live.update({0: {"x": self._steps, "y": self._smoothed},
                           1: {"x": steps, "y": [e[1] for e in self._evals]},
                           2: {"x": steps, "y": [e[2] for e in self._evals]}})
+
+
+# ---------------------------------------------------------------------------
+# A learning-rate sweep
+# ---------------------------------------------------------------------------
+
+
+def lr_sweep(train_data: torch.Tensor, val_data: torch.Tensor, vocab_size: int, learning_rates: Sequence[float],
+             get_batch: Callable, *, steps: int = 150, batch_size: int = 16, block_size: int = 32,
+             model_config: dict | None = None, warmup_iters: int = 10, eval_iters: int = 8, seed: int = 0,
+             step_fn: Callable | None = None, evaluate_fn: Callable | None = None, clip_grad_norm=None,
+             show_progress: bool = True) -> dict:
+    """Train the same tiny GPT (same initial weights, same batches) once per peak learning rate.
+
+    Each run is ``train`` with AdamW (``make_optimizer``), warmup then cosine decay to a tenth of
+    the peak, clipping at 1, and ``steps`` iterations of ``batch_size`` x ``block_size`` tokens; the
+    validation loss is measured at the end on ``eval_iters`` batches. A run *diverged* when its
+    final validation loss is not finite or above the loss of a uniform guess, ln(vocab_size).
+    Returns ``{"learning_rates", "losses" (per run, per iteration), "val_loss", "diverged",
+    "seconds", "tokens", "steps", "parameters"}``.
+    """
+    model_config = model_config or dict(n_layer=1, n_head=2, n_embd=48)
+    out = {"learning_rates": [float(lr) for lr in learning_rates], "losses": [], "val_loss": [], "diverged": [],
+           "seconds": [], "steps": steps, "tokens": steps * batch_size * block_size}
+    uniform = math.log(vocab_size)
+    with one_thread():   # a model this small gains little from more threads, and loses much on a busy machine
+        _sweep_runs(out, train_data, val_data, vocab_size, learning_rates, get_batch, uniform, steps=steps,
+                    batch_size=batch_size, block_size=block_size, model_config=model_config,
+                    warmup_iters=warmup_iters, eval_iters=eval_iters, seed=seed, step_fn=step_fn,
+                    evaluate_fn=evaluate_fn, clip_grad_norm=clip_grad_norm, show_progress=show_progress)
+    return out
+
+
+def _sweep_runs(out, train_data, val_data, vocab_size, learning_rates, get_batch, uniform, *, steps, batch_size,
+                block_size, model_config, warmup_iters, eval_iters, seed, step_fn, evaluate_fn, clip_grad_norm,
+                show_progress):
+    for lr in runtime.progress(list(learning_rates), desc="learning rates", disable=not show_progress):
+        torch.manual_seed(seed)
+        model = GPT(GPTConfig(vocab_size=vocab_size, block_size=block_size, dropout=0.0, **model_config))
+        out["parameters"] = model.num_parameters()
+        config = TrainConfig(max_iters=steps, batch_size=batch_size, block_size=block_size, learning_rate=lr,
+                             min_lr=lr / 10, warmup_iters=min(warmup_iters, steps - 1), eval_interval=0,
+                             eval_iters=eval_iters, seed=seed)
+        result = train(model, train_data, val_data, config, get_batch, device=torch.device("cpu"),
+                       show_progress=False, step_fn=step_fn, evaluate_fn=evaluate_fn, clip_grad_norm=clip_grad_norm)
+        val = result.evals[-1][2]
+        out["losses"].append(result.losses)
+        out["val_loss"].append(val)
+        out["diverged"].append(not math.isfinite(val) or val > uniform)
+        out["seconds"].append(result.seconds)
+
+
+def lr_sweep_figure(sweep: dict, title: str | None = None, baselines: dict | None = None):
+    """Two panels: each run's training loss (smoothed), and the final validation loss in bits per
+    character against the peak learning rate (log scale); diverged runs are red crosses, drawn at the
+    top of the chart when their loss is not finite. ``baselines`` (name -> loss in nats) are drawn
+    as dashed lines on both panels."""
+    from plotly.subplots import make_subplots
+    import plotly.graph_objects as go
+
+    lrs, vals, diverged = sweep["learning_rates"], sweep["val_loss"], sweep["diverged"]
+    bits = [v / math.log(2) if math.isfinite(v) else None for v in vals]
+    finite = [b for b in bits if b is not None]
+    ceiling = (max(finite) if finite else 8.0) * 1.05
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.55, 0.45], subplot_titles=[
+        "training loss per iteration (smoothed)", "validation loss at the end"])
+    for lr, losses, bad in zip(lrs, sweep["losses"], diverged):
+        ys = [x / math.log(2) if math.isfinite(x) else None for x in _smooth(losses, 0.8)]
+        fig.add_trace(go.Scatter(x=list(range(len(ys))), y=ys, mode="lines", name=f"lr {lr:.0e}" + (" (diverged)" if bad else ""),
+                                 line=dict(dash="dot" if bad else "solid")), row=1, col=1)
+    ok = [i for i, bad in enumerate(diverged) if not bad]
+    fig.add_trace(go.Scatter(x=[lrs[i] for i in ok], y=[bits[i] for i in ok], mode="lines+markers",
+                             name="final validation loss", marker=dict(size=9, color="#636efa"), showlegend=False),
+                  row=1, col=2)
+    bad = [i for i, b in enumerate(diverged) if b]
+    if bad:
+        fig.add_trace(go.Scatter(x=[lrs[i] for i in bad], y=[bits[i] if bits[i] is not None else ceiling for i in bad],
+                                 mode="markers", name="diverged", showlegend=False,
+                                 marker=dict(symbol="x", size=12, color="#ef553b")), row=1, col=2)
+    for name, nats in (baselines or {}).items():
+        for col in (1, 2):
+            fig.add_hline(y=nats / math.log(2), line=dict(dash="dash", color="#888"), row=1, col=col,
+                          annotation_text=name if col == 2 else None, annotation_position="bottom right")
+    fig.update_xaxes(title="iteration", row=1, col=1)
+    fig.update_xaxes(title="peak learning rate", type="log", row=1, col=2)
+    fig.update_yaxes(title="bits per character", row=1, col=1)
+    fig.update_yaxes(title="bits per character", row=1, col=2)
+    title = title or (f"Learning-rate sweep: one seed, {sweep['steps']} iterations ({sweep['tokens']:,} tokens) "
+                      f"of a {sweep.get('parameters', 0):,}-parameter GPT")
+    return plots.style(fig, title, height=400)
 
 
 def save_training_state(path, *, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler=None,
