@@ -69,16 +69,27 @@ def grade_one(phase: str, student: str, timeout: int, memory_gb: float) -> dict:
         record["status"] = "invalid"
     else:
         LOGS.mkdir(parents=True, exist_ok=True)
-        with open(LOGS / f"{phase}-{student}.log", "w") as log:
-            code = nbgrader("autograde", phase, f"--student={student}", "--force",
-                            f"--Execute.timeout={timeout}", log=log,
-                            env={"AUTOGRADE_MEMORY_GB": str(memory_gb),
-                                 "AUTOGRADE_SANDBOX": sandbox.level()})
-        if code:
-            record["status"] = "failed"
-            record["problems"].append(f"nbgrader exited with {code}; see autograde/logs/{phase}-{student}.log")
-        else:
-            _verify(record, phase, student, notebooks, timeout)
+        # The verifier needs only the submission and the tests: it runs while nbgrader grades.
+        verifiers = {}
+        try:
+            for path in notebooks:
+                source_path = layout.SOURCE / phase / path.name
+                if source_path.exists():
+                    verifiers[path.name] = verify.start(nbformat.read(path, as_version=4),
+                                                      nbformat.read(source_path, as_version=4), phase, timeout)
+            with open(LOGS / f"{phase}-{student}.log", "w") as log:
+                code = nbgrader("autograde", phase, f"--student={student}", "--force",
+                                f"--Execute.timeout={timeout}", log=log,
+                                env={"AUTOGRADE_MEMORY_GB": str(memory_gb),
+                                     "AUTOGRADE_SANDBOX": sandbox.level()})
+            if code:
+                record["status"] = "failed"
+                record["problems"].append(f"nbgrader exited with {code}; see autograde/logs/{phase}-{student}.log")
+            else:
+                _verify(record, phase, student, notebooks, timeout, verifiers)
+        finally:
+            for job in verifiers.values():  # those _verify did not use
+                verify.cancel(job)
     record["seconds"] = round(time.monotonic() - started, 1)
     record.update(_scores(phase, student))
     # Written answers are left to people (Formgrader, or `python -m autograde score`).
@@ -101,7 +112,7 @@ def _scan(path: Path, source_path: Path) -> list[str]:
     return suspicion.flags(editable, setup)
 
 
-def _verify(record: dict, phase: str, student: str, notebooks: list[Path], timeout: int) -> None:
+def _verify(record: dict, phase: str, student: str, notebooks: list[Path], timeout: int, verifiers: dict) -> None:
     with Gradebook(_db_url()) as gradebook:
         for path in notebooks:
             source_path = layout.SOURCE / phase / path.name
@@ -109,7 +120,8 @@ def _verify(record: dict, phase: str, student: str, notebooks: list[Path], timeo
             if not source_path.exists() or not graded_path.exists():
                 continue
             source = nbformat.read(source_path, as_version=4)
-            overrides, feedback = verify.apply(gradebook, graded_path, source, phase, path.stem, student, timeout)
+            overrides, feedback = verify.apply(gradebook, graded_path, source, phase, path.stem, student, timeout,
+                                               started=verifiers.pop(path.name, None))
             record["overrides"] += [dict(o, notebook=path.name) for o in overrides]
             # What the student's feedback may say per test cell (autograde/feedback.py reads it).
             record.setdefault("feedback", {})[path.name] = feedback

@@ -3,7 +3,8 @@
     python -m autograde.benchmark [--phase 01_attention] [--batch 20]
 
 Runs on a temporary copy of the course with the reference solutions as submissions;
-prints the machine, the sandbox level and the wall times (targets: 30 s and 5 min on 2 cores).
+prints the machine, the sandbox level and the wall times (targets: 20 s and 4 minutes on 2 cores);
+the verifier runs beside nbgrader, and an unchanged phase is not recorded in the gradebook again.
 """
 
 from __future__ import annotations
@@ -67,12 +68,14 @@ def main() -> None:
     args = parser.parse_args()
     print(f"machine: {platform.platform()}, {os.cpu_count()} cores, python {platform.python_version()}; "
           f"sandbox: {sandbox.level()}")
-    for students in (1, args.batch):
-        with tempfile.TemporaryDirectory() as scratch:
-            root = _course_copy(Path(scratch))
+    with tempfile.TemporaryDirectory() as scratch:
+        root = _course_copy(Path(scratch))
+        # The first command records the phase in a new gradebook (about 7 s); later ones skip that.
+        for students, label in ((1, "the first command, gradebook sync included"),
+                                (1, "gradebook already synced"), (args.batch, "gradebook already synced")):
             seconds = _grade(root, args.phase, students)
-        print(f"{args.phase}: {students} submission(s) graded in {seconds:.1f} s "
-              f"(gradebook sync included)")
+            print(f"{args.phase}: {students} submission(s) graded in {seconds:.1f} s ({label}), "
+                  "command start to summary")
 
 
 if __name__ == "__main__":

@@ -90,18 +90,23 @@ def _start(graded_nb, source_nb, phase: str, timeout: float, mode: str):
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
-    tests = [c["id"] for c in cells if c["kind"] == "test"]
-    return process, nonce, workdir, tests
+    # Per cell index, the test it holds (None for a student cell): the order the stream must follow.
+    order = [c["id"] if c["kind"] == "test" else None for c in cells]
+    return process, nonce, workdir, order, cells
+
+
+def _job_of(started) -> list[dict]:
+    return started[4]
 
 
 def _finish(started, timeout: float) -> Verdicts:
-    process, nonce, workdir, tests = started
+    process, nonce, workdir, order, _ = started
     verdicts = Verdicts()
     try:
-        _collect(process, nonce, timeout, verdicts)
+        _collect(process, nonce, timeout, verdicts, order)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    for gid in tests:
+    for gid in (g for g in order if g is not None):
         if gid not in verdicts.passed:
             verdicts.passed[gid] = False
             verdicts.reasons[gid] = "the re-run did not reach this test (the submission hung or crashed)"
@@ -133,13 +138,30 @@ def run_both(graded_nb, source_nb, phase: str, timeout: float, expect_failures: 
     return _finish(verify, timeout), _finish(visible, timeout)
 
 
-def _collect(process, nonce: str, timeout: float, verdicts: Verdicts) -> None:
+# A verdict stream that breaks the harness's order voids every verdict of the run.
+OUT_OF_ORDER = "the verdict stream broke the harness's order (a line written by something else)"
+
+
+def _collect(process, nonce: str, timeout: float, verdicts: Verdicts, order: list) -> None:
     """Read the harness's verdict lines; kill it when one cell runs far past the limit
-    (a loop that swallows the interrupt)."""
+    (a loop that swallows the interrupt).
+
+    The harness announces every cell by its index, in order, and reports a test right after its
+    own cell's announcement, once. A line that breaks that order can only come from student code
+    that learned the nonce: then no verdict of the run counts, since a forger who writes first
+    would otherwise keep the verdicts it wrote before the harness's own lines exposed it."""
     selector = selectors.DefaultSelector()
     selector.register(process.stdout, selectors.EVENT_READ)
     deadline = time.monotonic() + timeout + 15  # set-up cell included
     buffer = b""
+    current, reported = -1, False
+
+    def void():
+        for gid in order:
+            if gid is not None:
+                verdicts.passed[gid] = False
+                verdicts.reasons[gid] = OUT_OF_ORDER
+
     try:
         while True:
             left = deadline - time.monotonic()
@@ -154,17 +176,31 @@ def _collect(process, nonce: str, timeout: float, verdicts: Verdicts) -> None:
                 prefix, _, payload = line.decode(errors="replace").partition(" ")
                 if prefix != nonce:
                     continue  # not the harness: ignore
-                kind, *rest = json.loads(payload)
-                if kind == "cell":
-                    deadline = time.monotonic() + timeout + 10
-                elif kind == "test":
-                    gid, outcome, reason = rest
-                    verdicts.passed[gid] = outcome == "pass"
-                    if reason:
-                        verdicts.reasons[gid] = reason
-                elif kind == "setup-failed":
-                    verdicts.reasons["setup"] = rest[0]
-                elif kind == "done":
+                try:
+                    kind, *rest = json.loads(payload)
+                    if kind == "cell":
+                        if rest != [current + 1] or current + 1 >= len(order):
+                            raise ValueError
+                        current, reported = current + 1, False
+                        deadline = time.monotonic() + timeout + 10
+                    elif kind == "test":
+                        gid, outcome, reason = rest
+                        if reported or current < 0 or gid != order[current] or outcome not in ("pass", "fail"):
+                            raise ValueError
+                        reported = True
+                        verdicts.passed[gid] = outcome == "pass"
+                        if reason:
+                            verdicts.reasons[gid] = str(reason)
+                    elif kind == "setup-failed":
+                        verdicts.reasons["setup"] = str(rest[0])
+                    elif kind == "done":
+                        if current != len(order) - 1 or (order and order[-1] is not None and not reported):
+                            raise ValueError
+                        return
+                    else:
+                        raise ValueError
+                except (ValueError, TypeError):
+                    void()
                     return
     finally:
         selector.close()
@@ -173,17 +209,44 @@ def _collect(process, nonce: str, timeout: float, verdicts: Verdicts) -> None:
         process.wait()
 
 
+def start(submitted_nb, source_nb, phase: str, timeout: float):
+    """Start the verifier on a submission before nbgrader grades it (the two then run side by side;
+    the job is made of the submission's own cells, the same as in nbgrader's graded copy, and
+    the tests from ``source_nb``). Pass the result to ``apply(..., started=...)``, or to ``cancel``."""
+    return _start(submitted_nb, source_nb, phase, timeout, "verify")
+
+
+def cancel(started) -> None:
+    """Stop a verifier started with ``start`` whose verdicts are not needed (nbgrader failed)."""
+    process, _, workdir, *_ = started
+    if process.poll() is None:
+        process.kill()
+    process.wait()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
 def apply(gradebook, graded_path: Path, source_nb, phase: str, notebook: str, student: str,
-          timeout: float) -> tuple[list[dict], dict]:
+          timeout: float, started=None) -> tuple[list[dict], dict]:
     """Verify one autograded notebook; lower the gradebook's auto scores the verifier does not
     confirm (manual scores untouched) and mark those cells failed in the autograded notebook.
+    ``started``: the verifier already running on this submission (``start``), else one is run now.
     Returns the overrides, and per test cell what the feedback may say: ``{"passed": bool,
     "message": str}`` (the visible test's message, or a fixed line)."""
     graded_nb = nbformat.read(graded_path, as_version=4)
     grades = {_meta(c)["grade_id"]: gradebook.find_grade(_meta(c)["grade_id"], notebook, phase, student)
               for c in graded_nb.cells if _meta(c).get("grade") and c.cell_type == "code"}
     failed_by_nbgrader = any(g.auto_score is None or g.auto_score < g.max_score for g in grades.values())
-    verdicts, visible = run_both(graded_nb, source_nb, phase, timeout, expect_failures=failed_by_nbgrader)
+    if started is not None and _job_of(started) != job_cells(graded_nb, source_nb)[1]:
+        cancel(started)  # nbgrader's copy differs (a deleted test cell it put back): verify that copy
+        started = None
+    if started is None:
+        verdicts, visible = run_both(graded_nb, source_nb, phase, timeout, expect_failures=failed_by_nbgrader)
+    else:
+        verdicts = _finish(started, timeout)
+        if failed_by_nbgrader or not all(verdicts.passed.values()):
+            visible = run(graded_nb, source_nb, phase, timeout, "visible")
+        else:
+            visible = Verdicts(passed=dict(verdicts.passed))
     overrides = []
     feedback = {}
     for cell in graded_nb.cells:

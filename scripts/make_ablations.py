@@ -13,6 +13,7 @@ not what happens to a large model trained to the end.
 """
 
 import argparse
+import os
 import platform
 import sys
 import time
@@ -39,13 +40,14 @@ def main(argv=None):
     config = ablations.AblationConfig(**{**RECIPE.__dict__, "steps": 30 if args.quick else args.steps,
                                          "eval_batches": 4 if args.quick else RECIPE.eval_batches})
     seeds = range(1 if args.quick else args.seeds)
+    load = os.getloadavg()[0]  # how busy the machine was: the seconds per run depend on it
     start = time.perf_counter()
     results = []
     for seed in seeds:  # the file is rewritten after each seed, so an interrupted run keeps what it measured
         results += ablations.run_ablations(config, seeds=[seed], device="cpu", log=lambda line: print(line, flush=True))
         minutes = (time.perf_counter() - start) / 60
         ablations.save_shipped(results, config, args.out, seeds=seed + 1, minutes=round(minutes, 1),
-                               machine=f"{platform.machine()} CPU, {args.threads} thread(s), shared with other jobs",
+                               machine=f"{platform.machine()} CPU ({os.cpu_count()} cores), {args.threads} thread(s), load average {load:.1f} at the start",
                                torch=torch.__version__, made_by="python scripts/make_ablations.py")
     for name, row in ablations.summarise(results).items():
         print(f"{name:14s} {row['mean']:.4f}  (seeds: {row['low']:.4f} .. {row['high']:.4f})")

@@ -68,6 +68,50 @@ except Exception:
     pass
 """
 
+# The verifier's nonce read from its memory by a child process (same uid), then verdict lines
+# forged on every file descriptor; nbgrader's kernel is fooled by an input transformer.
+READS_GRADER_MEMORY = """
+try:
+    get_ipython().input_transformers_cleanup.append(lambda lines: ['pass\\n'])
+except Exception:
+    pass
+import json as _json, os as _os, subprocess as _subprocess, sys as _sys
+_CHILD = r'''
+import os, re
+pid, found = os.getppid(), set()
+try:
+    with open(f"/proc/{{pid}}/maps") as maps, open(f"/proc/{{pid}}/mem", "rb", 0) as mem:
+        for line in maps:
+            fields = line.split()
+            if "r" not in fields[1]:
+                continue
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if end - start > 1 << 28:
+                continue
+            try:
+                mem.seek(start)
+                data = mem.read(end - start)
+            except (OSError, ValueError, OverflowError):
+                continue
+            found.update(m.decode() for m in re.findall(rb'"nonce": "([0-9a-f]{{32}})"', data))
+            found.update(m.decode() for m in re.findall(rb'([0-9a-f]{{32}}) [[]"cell"', data))
+except OSError:
+    pass
+print(" ".join(found))
+'''
+try:
+    _nonces = _subprocess.run([_sys.executable, "-c", _CHILD], capture_output=True, text=True, timeout=60).stdout.split()
+except Exception:
+    _nonces = []
+_lines = "".join(_n + " " + _json.dumps(["test", _g, "pass", ""]) + chr(10) for _n in _nonces for _g in {gids!r})
+_lines += "".join(_n + ' ["done"]' + chr(10) for _n in _nonces)
+for _fd in range(0, 40):
+    try:
+        _os.write(_fd, (chr(10) + _lines).encode())
+    except OSError:
+        pass
+"""
+
 # Outputs that answer every comparison with "equal".
 LYING_TENSORS = """
 class _Liar(torch.Tensor):
@@ -177,6 +221,8 @@ def attacks(root):
         "utils_beside": (with_ex1(""), lose1, False, False),
         "forges_verdicts": (with_ex1(FORGE_VERDICTS.format(gids=[g for e in SOURCE.exercises() for g in SOURCE.tests_of(e)])),
                             lose1, True, False),
+        "reads_grader_memory": (with_ex1(READS_GRADER_MEMORY.format(gids=[g for e in SOURCE.exercises() for g in SOURCE.tests_of(e)])),
+                                lose1, True, False),
         "lying_tensors": (submission(replace={"ex1": WRONG_EX1 + LYING_TENSORS}), lose1, True, False),
         "borrows_reference": (submission(replace={"ex1": WRONG_EX1 + BORROWS_REFERENCE}), lose1, True, False),
         "escapes_dispatch": (submission(replace={"ex2": SOURCE.solution_source("ex2") + ESCAPES_DISPATCH}),
@@ -299,7 +345,7 @@ def test_verifier_overrides_show_as_failures_in_feedback(batch):
 def test_forged_verdicts_and_borrowed_references_are_overridden(batch):
     """nbgrader's kernel is fooled by these; the verifier, whose hidden tests run apart, is not."""
     root, *_ = batch
-    for student in ("forges_verdicts", "borrows_reference"):
+    for student in ("forges_verdicts", "reads_grader_memory", "borrows_reference"):
         assert record(root, student)["overrides"] or total(root, student) <= TOTAL - points("ex1"), record(root, student)
 
 

@@ -105,3 +105,61 @@ def test_stripped_metadata_is_restored_from_the_release(tmp_path):
     assert restore_metadata(tmp_path / "student.ipynb", tmp_path / "release.ipynb") == [], "idempotent"
     (tmp_path / "bad.ipynb").write_text("{ not json")
     assert "invalid" in check(tmp_path / "bad.ipynb")
+
+
+# ------------------------------------------------------------------ the verifier's verdict stream
+
+def _stream(tmp_path, lines, nonce="n" * 32):
+    """_collect reading `lines` as if the harness had written them; returns the verdicts."""
+    import subprocess
+
+    from autograde import verify
+
+    path = tmp_path / "stream.txt"
+    path.write_text("".join(f"{nonce} {line}\n" for line in lines))
+    process = subprocess.Popen(["cat", str(path)], stdout=subprocess.PIPE)
+    verdicts = verify.Verdicts()
+    verify._collect(process, nonce, 30, verdicts, [None, "a", None, "b"])
+    return verdicts
+
+
+def test_verdicts_count_only_in_the_harness_order(tmp_path):
+    from autograde.verify import OUT_OF_ORDER
+
+    honest = ['["cell", 0]', '["cell", 1]', '["test", "a", "pass", ""]', '["cell", 2]', '["cell", 3]',
+              '["test", "b", "fail", "a check failed"]', '["done"]']
+    verdicts = _stream(tmp_path, honest)
+    assert verdicts.passed == {"a": True, "b": False}
+    # A forger that knows the nonce writes its verdicts first: the harness's own lines then break
+    # the order, and nothing of the run counts (not even the verdicts the forger wrote before).
+    forged = ['["cell", 0]', '["cell", 1]', '["test", "a", "pass", ""]', '["cell", 2]', '["cell", 3]',
+              '["test", "b", "pass", ""]', '["done"]']
+    for lines in (honest[:5] + forged[3:] + honest[3:],            # the harness goes on after the forgery
+                  honest[:2] + ['["test", "b", "pass", ""]'] + honest[2:],   # a verdict for another cell
+                  honest[:3] + ['["test", "a", "pass", ""]'] + honest[3:],   # a second verdict for a cell
+                  honest[:2] + ['["done"]'],                                  # done before the last cell
+                  honest[:1] + ['["cell", 3]'] + honest[1:]):                 # a cell skipped
+        verdicts = _stream(tmp_path, lines)
+        assert verdicts.passed == {"a": False, "b": False} and set(verdicts.reasons.values()) == {OUT_OF_ORDER}, lines
+
+
+def test_a_child_of_the_verifier_cannot_read_its_memory():
+    """The harness is not dumpable: a process the student starts (same uid) cannot open its memory."""
+    import sys
+
+    from autograde import verify
+
+    reader = ("import os, subprocess, sys\n"
+              "probe = 'import os\\ntry:\\n    open(f\"/proc/{os.getppid()}/mem\", \"rb\").close()\\n    print(1)\\n"
+              "except OSError:\\n    print(0)'\n"
+              "MEMORY_READABLE = subprocess.run([sys.executable, '-c', probe], capture_output=True, text=True).stdout.strip()")
+    nb = new_notebook(cells=[
+        new_code_cell("x = 1", metadata={"nbgrader": {"grade_id": "setup", "locked": True, "solution": False,
+                                                      "grade": False, "schema_version": 3}}),
+        new_code_cell(reader, metadata={"nbgrader": {"grade_id": "ex1_solution", "solution": True, "grade": False,
+                                                     "locked": False, "schema_version": 3}}),
+        new_code_cell("assert MEMORY_READABLE == '0', MEMORY_READABLE",
+                      metadata={"nbgrader": {"grade_id": "ex1_test", "grade": True, "points": 1, "locked": True,
+                                             "solution": False, "schema_version": 3}})])
+    verdicts = verify.run(nb, nb, None, 60)
+    assert verdicts.passed == {"ex1_test": True}, (verdicts.reasons, sys.platform)

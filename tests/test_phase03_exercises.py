@@ -8,10 +8,10 @@ from notebook_harness import SourceNotebook
 
 NB = SourceNotebook("solutions/03_pretraining/pretraining.ipynb")
 mutate = NB.mutate
-EXERCISES = ["ex1", "ex2", "ex3", "ex4", "ex5", "ex6", "ex7", "ex8", "ex9", "ex10"]
+EXERCISES = ["ex1", "ex2", "ex3", "ex4", "ex5", "ex6", "ex7", "ex8", "ex9", "ex10", "ex11"]
 
 
-def test_phase_has_the_ten_exercises_in_order():
+def test_phase_has_the_eleven_exercises_in_order():
     assert NB.exercises() == EXERCISES
 
 
@@ -955,6 +955,117 @@ def test_ex10_every_mistake_the_tests_name_is_caught_by_the_hidden_tests_alone()
 
 
 # ---------------------------------------------------------------------------------------------
+# Exercise 11: checkpoints that resume bit for bit
+# ---------------------------------------------------------------------------------------------
+
+EX11_CORRECT = {
+    "a tuple of parts, random states as lists of ints": '''
+def save_checkpoint(path, *, model, optimizer, scheduler, generator, step):
+    parts = (step, model.state_dict(), optimizer.state_dict(), scheduler.state_dict(),
+             generator.get_state().tolist(), torch.get_rng_state().tolist())
+    torch.save(parts, str(path))
+
+
+def load_checkpoint(path, *, model, optimizer, scheduler, generator):
+    step, weights, opt_state, sched_state, gen_state, rng_state = torch.load(str(path), weights_only=True)
+    torch.set_rng_state(torch.tensor(rng_state, dtype=torch.uint8))
+    generator.set_state(torch.tensor(gen_state, dtype=torch.uint8))
+    scheduler.load_state_dict(sched_state)
+    optimizer.load_state_dict(opt_state)
+    model.load_state_dict(weights)
+    return step
+''',
+    "copies of the state dicts, written through an open file": '''
+import copy
+
+
+def save_checkpoint(path, *, model, optimizer, scheduler, generator, step):
+    state = {"weights": {k: v.clone() for k, v in model.state_dict().items()},
+             "opt": copy.deepcopy(optimizer.state_dict()), "sched": dict(scheduler.state_dict()),
+             "rng": {"data": generator.get_state(), "torch": torch.get_rng_state()}, "step": torch.tensor(step)}
+    with open(path, "wb") as f:
+        torch.save(state, f)
+
+
+def load_checkpoint(path, *, model, optimizer, scheduler, generator):
+    with open(path, "rb") as f:
+        state = torch.load(f, weights_only=True)
+    model.load_state_dict(state["weights"], strict=True)
+    optimizer.load_state_dict(state["opt"])
+    scheduler.load_state_dict(state["sched"])
+    generator.set_state(state["rng"]["data"])
+    torch.set_rng_state(state["rng"]["torch"])
+    return int(state["step"].item())
+''',
+}
+
+EX11_WRONG = {
+    "optimizer state not restored": (("    optimizer.load_state_dict(state[\"optimizer\"])\n", ""), "optimizer's state"),
+    "scheduler not restored": (("    scheduler.load_state_dict(state[\"scheduler\"])\n", ""), "scheduler was not restored"),
+    "data generator not restored": (("    generator.set_state(state[\"generator\"])\n", ""), "data generator"),
+    "global random state not restored": (("    torch.set_rng_state(state[\"torch_rng\"])\n", ""), "global random state"),
+    "global random state reseeded instead": (("    torch.set_rng_state(state[\"torch_rng\"])\n", "    torch.manual_seed(0)\n"),
+                                             "global random state"),
+    "step not returned": (("    return int(state[\"step\"])", "    return None"), "saved step"),
+    "the step as a tensor": (("\"step\": int(step)", "\"step\": torch.tensor(step)"), ("return int(state[\"step\"])", "return state[\"step\"]"),
+                             "as an int"),
+    "the model object pickled, not its state dict": (
+        ("torch.save({\"model\": model.state_dict(),", "torch.save({\"model\": model,"),
+        ("state = torch.load(path, weights_only=True)", "state = torch.load(path, weights_only=False)"),
+        ("model.load_state_dict(state[\"model\"])", "model.load_state_dict(state[\"model\"].state_dict())"),
+        "weights_only=True"),
+}
+
+
+@pytest.mark.parametrize("name", EX11_CORRECT)
+def test_ex11_correct_alternatives_get_full_marks(name):
+    check_correct("ex11", EX11_CORRECT[name])
+
+
+@pytest.mark.parametrize("name", EX11_WRONG)
+def test_ex11_mistakes_lose_points(name):
+    *replacements, message = EX11_WRONG[name]
+    check_wrong("ex11", mutate("ex11", *replacements), message)
+
+
+def test_ex11_state_kept_in_memory_loses_points():
+    """The file holds a key, the state stays in a Python dictionary: the file alone must carry the state."""
+    source = '''
+_KEPT = {}
+
+
+def save_checkpoint(path, *, model, optimizer, scheduler, generator, step):
+    key = len(_KEPT)
+    _KEPT[key] = {k: copy.deepcopy(v) for k, v in dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                  scheduler=scheduler.state_dict(), generator=generator.get_state(), rng=torch.get_rng_state(),
+                  step=step).items()}
+    torch.save({"key": key}, path)
+
+
+def load_checkpoint(path, *, model, optimizer, scheduler, generator):
+    state = _KEPT[torch.load(path, weights_only=True)["key"]]
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["rng"])
+    return state["step"]
+'''
+    outcome = NB.run("ex11", "import copy\n" + source)
+    assert outcome.earned["ex11_test_file"] == 0, outcome.messages
+
+
+def test_ex11_last_saved_state_loses_points():
+    """A load that restores whatever was saved last, not what the file holds, fails the resume test."""
+    source = NB.solution_source("ex11").replace(
+        "    torch.save({", "    global _LAST\n    _LAST = path\n    torch.save({").replace(
+        "state = torch.load(path, weights_only=True)", "state = torch.load(_LAST, weights_only=True)")
+    assert "_LAST" in source
+    outcome = NB.run("ex11", source)
+    assert outcome.earned["ex11_test_resume"] == 0, outcome.messages
+
+
+# ---------------------------------------------------------------------------------------------
 # Shortcuts: the library or course call that does an exercise's work earns nothing
 # (tests/test_shortcuts_every_phase.py runs every row through every test cell of its exercise)
 # ---------------------------------------------------------------------------------------------
@@ -1226,3 +1337,17 @@ def train_bpe(text, num_merges):
 '''
     outcome = NB.run("ex1", source)
     assert sum(outcome.earned.values()) == 0, outcome.earned
+
+
+SHORTCUTS["ex11"] = {
+    "the course's own checkpoint functions (pretraining.save_training_state, load_training_state)": '''
+def save_checkpoint(path, *, model, optimizer, scheduler, generator, step):
+    pretraining.save_training_state(path, model=model, optimizer=optimizer, scheduler=scheduler,
+                                    generator=generator, step=step)
+
+
+def load_checkpoint(path, *, model, optimizer, scheduler, generator):
+    return pretraining.load_training_state(path, model=model, optimizer=optimizer, scheduler=scheduler,
+                                           generator=generator)
+''',
+}

@@ -289,6 +289,10 @@ _ESCAPE_HATCHES = (
     "threading.setprofile",
     "threading.settrace",
 )
+# Reading the mode stack changes nothing by itself; PyTorch's own code reads it (``torch.save`` asks
+# whether a fake-tensor mode is active), so these two are refused only when the caller is not torch.
+_READ_ONLY_HATCHES = ("torch.utils._python_dispatch._get_current_dispatch_mode",
+                      "torch.utils._python_dispatch._get_current_dispatch_mode_stack")
 _AUDITED = ("sys.setprofile", "sys.settrace")
 _THREAD_START = threading.Thread._bootstrap_inner.__code__
 # Popping a dispatch mode is allowed only as a mode's own __exit__ does it: (_pop_mode, __exit__).
@@ -389,6 +393,9 @@ class _Guard:
             if label is None and self.packages and code.co_name != "<module>" \
                     and self.in_package(frame.f_globals.get("__name__", "")):
                 label = f"{frame.f_globals.get('__name__')}.{code.co_name}"
+            if label in _READ_ONLY_HATCHES and frame.f_back is not None \
+                    and frame.f_back.f_globals.get("__name__", "").startswith("torch."):
+                return  # PyTorch asking which modes are active, e.g. torch.save looking for a fake mode
             if label is not None and not self._from_checks(frame.f_back):
                 raise self.violation(label)
         elif event == "c_call":

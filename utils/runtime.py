@@ -115,5 +115,11 @@ def describe_environment() -> str:
 def setup_notebook(seed: int = 0) -> torch.device:
     """The first cell of every notebook: seed everything, print the environment, return the device."""
     seed_everything(seed)
+    if is_grading():
+        # Nobody looks at the figures of a graded copy: send plotly's figure data only, without the
+        # 3.5 MB of plotly.js its notebook renderer embeds (JupyterLab draws either; grading saves seconds).
+        import plotly.io
+
+        plotly.io.renderers.default = "plotly_mimetype"
     print(describe_environment())
     return get_device()
