@@ -45,8 +45,8 @@ def main() -> None:
     start = time.perf_counter()
     generator = torch.Generator(device=device).manual_seed(1)
     sampler = lambda prompts: rlhf.sample(base, tokenizer, prompts, n_new, generator=generator)  # noqa: E731
-    train_pairs = preferences.make_preference_pairs(sampler, int(192 * s), seed=1)
-    held_out = preferences.make_preference_pairs(sampler, int(48 * s), seed=2)
+    train_pairs = preferences.make_preference_pairs(sampler, int(640 * s), seed=1)
+    held_out = preferences.make_preference_pairs(sampler, int(160 * s), seed=2)
     print(f"preference data: {len(train_pairs)} training pairs, {len(held_out)} held-out pairs "
           f"({time.perf_counter() - start:.1f} s)")
     start = time.perf_counter()

@@ -216,7 +216,7 @@ def synthetic_pairs(tokenizer, n=6, T=16):
 
 def test_reward_model_starts_at_log_2_and_learns(tiny):
     model, tokenizer = tiny
-    rm, losses = rlhf.train_reward_model(model, synthetic_pairs(tokenizer), steps=30)
+    rm, losses = rlhf.train_reward_model(model, synthetic_pairs(tokenizer), steps=30, lr=1e-2)
     assert math.isclose(losses[0], math.log(2), rel_tol=1e-5) and losses[-1] < 0.5 * losses[0]
     chosen, rejected = rlhf.score_pairs(rm, synthetic_pairs(tokenizer, n=3))
     assert (chosen > rejected).all()

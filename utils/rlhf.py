@@ -11,7 +11,7 @@ the pieces as arguments (``Pieces``), so the notebook runs them with yours.
   ``preference_accuracy``, ``kl_penalised_rewards``, ``gae``, ``ppo_policy_loss``, ``value_loss``,
   ``masked_entropy``, ``dpo_loss``, ``dpo_implicit_reward``, ``ipo_loss``, ``hinge_loss``,
   ``grpo_advantages``, ``grpo_loss``, ``masked_mean``, ``whiten``
-* models: ``RewardModel`` (a scalar head on a frozen copy of the backbone), ``ValueHead``; ``frozen``,
+* models: ``RewardModel`` (per-token scores on a frozen copy of the backbone, averaged over the response), ``ValueHead``; ``frozen``,
   ``trainable_copy``; ``RLConfig`` (and ``replace``, to change one of its fields)
 * training: ``train_reward_model``, ``reinforce_train``, ``ppo_train``, ``dpo_train``,
   ``grpo_train``, ``evaluate_policy``, ``best_of_n``
@@ -332,35 +332,46 @@ def trainable_copy(model: GPT) -> GPT:
 
 
 class RewardModel(nn.Module):
-    """A scalar head on the policy's backbone (InstructGPT's reward model, in miniature).
+    """A scalar reward on a frozen copy of the policy's backbone (InstructGPT's reward model, in miniature).
 
-    As in InstructGPT the unembedding is not used: a linear layer maps hidden states to one number.
-    It reads two summaries of the response from the final hidden states: the state at the last
-    response token (InstructGPT's choice) and the mean over the response tokens (a character model
-    this small keeps little of a line's words in its last state). The backbone is a frozen copy:
-    with a few hundred comparisons, fine-tuning its 0.8 M parameters overfits (measured while
-    building this phase), and a frozen backbone lets the head train on features computed once.
+    The score of a response is the mean, over its tokens, of a small MLP applied to the hidden state
+    after block ``layer``: a sum of per-token contributions, the shape of the gold judge itself
+    (VADER adds up the valence of the words it knows). InstructGPT reads the last token's state with
+    a linear head instead; on this character model that reached 50-55 % held-out accuracy, barely
+    above chance, while per-token scores of an early block reach 60-65 % (measured while building this
+    phase; the early blocks still know which characters were just read, the later ones have moved on
+    to predicting the next). The backbone stays frozen: with a few thousand comparisons, fine-tuning
+    its 0.8 M parameters overfits, and a frozen backbone lets the head train on states computed once.
+    The last layer starts at zero, so every response starts with the same score (loss log 2).
     """
 
-    def __init__(self, backbone: GPT):
+    def __init__(self, backbone: GPT, layer: int = 1, width: int = 64):
         super().__init__()
         self.backbone = frozen(backbone)
-        self.head = nn.Linear(2 * backbone.config.n_embd, 1)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        self.layer = min(layer, len(self.backbone.transformer.h) - 1)
+        n_embd = backbone.config.n_embd
+        self.head = nn.Sequential(nn.LayerNorm(n_embd), nn.Linear(n_embd, width), nn.GELU(), nn.Linear(width, 1))
+        nn.init.zeros_(self.head[-1].weight)
+        nn.init.zeros_(self.head[-1].bias)
         self.head.to(next(self.backbone.parameters()).device)
 
     @torch.no_grad()
-    def features(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(B, 2 * n_embd): the final hidden state at the last response token, and the mean over the response."""
-        _, hidden = forward_with_hidden(self.backbone, tokens)
-        last = mask.long().cumsum(1).argmax(1)
-        weights = mask.to(hidden.dtype)[..., None]
-        mean = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
-        return torch.cat([hidden[torch.arange(tokens.shape[0], device=tokens.device), last], mean], dim=-1)
+    def features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T, n_embd): the hidden states after block ``layer`` (the blocks above it are not run)."""
+        transformer = self.backbone.transformer
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        x = transformer.wte(tokens) + transformer.wpe(positions)
+        for block in transformer.h[:self.layer + 1]:
+            x = block(x)
+        return x
+
+    def score(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B,): the mean over the response tokens (``mask``) of the head's per-token scores."""
+        weights = mask.to(features.dtype)
+        return (self.head(features)[..., 0] * weights).sum(1) / weights.sum(1).clamp(min=1)
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(tokens, mask))[:, 0]
+        return self.score(self.features(tokens), mask)
 
 
 class ValueHead(nn.Module):
@@ -436,10 +447,11 @@ def score_pairs(reward_model: RewardModel, pairs, batch_size: int = 256) -> tupl
 
 
 def train_reward_model(backbone: GPT, pairs, *, loss_fn: Callable = bradley_terry_loss, steps: int = 300,
-                       lr: float = 1e-2, weight_decay: float = 0.0, seed: int = 0,
+                       lr: float = 1e-3, weight_decay: float = 0.1, seed: int = 0,
                        batch_size: int = 256) -> tuple[RewardModel, list]:
     """A ``RewardModel`` on a frozen copy of ``backbone``, its head trained on ``pairs`` with
-    ``loss_fn(r_chosen, r_rejected)``: features are computed once, then ``steps`` full-batch AdamW steps.
+    ``loss_fn(r_chosen, r_rejected)``: the backbone's states are computed once, then ``steps`` AdamW
+    steps on random mini-batches of ``batch_size`` pairs (all of them when there are fewer).
     Returns the model and the loss of every step."""
     torch.manual_seed(seed)
     model = RewardModel(backbone)
@@ -447,13 +459,18 @@ def train_reward_model(backbone: GPT, pairs, *, loss_fn: Callable = bradley_terr
     chosen, rejected = [], []
     for start in range(0, len(pairs), batch_size):
         sl = slice(start, start + batch_size)
-        chosen.append(model.features(pairs.chosen[sl].to(device), pairs.chosen_mask[sl].to(device)))
-        rejected.append(model.features(pairs.rejected[sl].to(device), pairs.rejected_mask[sl].to(device)))
+        chosen.append(model.features(pairs.chosen[sl].to(device)))
+        rejected.append(model.features(pairs.rejected[sl].to(device)))
     chosen, rejected = torch.cat(chosen), torch.cat(rejected)
+    chosen_mask, rejected_mask = pairs.chosen_mask.to(device), pairs.rejected_mask.to(device)
     optimizer = torch.optim.AdamW(model.head.parameters(), lr=lr, weight_decay=weight_decay)
+    generator = torch.Generator().manual_seed(seed)
     losses = []
     for _ in range(steps):
-        loss = loss_fn(model.head(chosen)[:, 0], model.head(rejected)[:, 0])
+        index = (torch.randperm(len(pairs), generator=generator)[:batch_size].to(device)
+                 if len(pairs) > batch_size else slice(None))
+        loss = loss_fn(model.score(chosen[index], chosen_mask[index]),
+                       model.score(rejected[index], rejected_mask[index]))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
