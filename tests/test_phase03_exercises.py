@@ -685,11 +685,7 @@ def chunked_cross_entropy(hidden, weight, targets, chunk_size):
 '''
 
 
-@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.xfail(
-    "checkpoint" in name, strict=False,
-    reason="utils.checks switches off torch._C._get_dispatch_mode, which torch.utils.checkpoint calls "
-           "(_is_compiling): the recomputation route scores 0 until utils.checks allows that read-only query"))
-    for name in EX8_CORRECT])
+@pytest.mark.parametrize("name", EX8_CORRECT)
 def test_ex8_correct_alternatives_get_full_marks(name):
     outcome = NB.run("ex8", EX8_CORRECT[name])
     assert outcome.full_marks, (name, outcome.errors)
