@@ -91,11 +91,12 @@ def sample(model: GPT, tokenizer, prompts: Sequence[str], max_new_tokens: int = 
     return Rollout(tokens, mask, texts, list(prompts))
 
 
-def forward_with_hidden(model: GPT, tokens: torch.Tensor):
-    """The model's logits (B, T, V) and its final hidden states (B, T, C) (the output of ``ln_f``),
-    from one forward pass: a hook catches the hidden states on their way to the unembedding."""
+def forward_with_hidden(model: GPT, tokens: torch.Tensor, module: nn.Module | None = None):
+    """The model's logits (B, T, V) and the output (B, T, C) of ``module`` (default: the final hidden
+    states, the output of ``ln_f``), from one forward pass: a hook catches that output on its way."""
     caught = {}
-    handle = model.transformer.ln_f.register_forward_hook(lambda m, i, out: caught.setdefault("h", out))
+    module = model.transformer.ln_f if module is None else module
+    handle = module.register_forward_hook(lambda m, i, out: caught.setdefault("h", out))
     try:
         logits, _ = model(tokens)
     finally:
@@ -359,13 +360,8 @@ class RewardModel(nn.Module):
 
     @torch.no_grad()
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, T, n_embd): the hidden states after block ``layer`` (the blocks above it are not run)."""
-        transformer = self.backbone.transformer
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
-        x = transformer.wte(tokens) + transformer.wpe(positions)
-        for block in transformer.h[:self.layer + 1]:
-            x = block(x)
-        return x
+        """(B, T, n_embd): the hidden states after block ``layer``, from the backbone's own forward pass."""
+        return forward_with_hidden(self.backbone, tokens, self.backbone.transformer.h[self.layer])[1]
 
     def score(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B,): the mean over the response tokens (``mask``) of the head's per-token scores."""
