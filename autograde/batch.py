@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import sys
 import time
@@ -157,6 +158,7 @@ def run(phases: list[str], student: str | None = None, force: bool = False, time
     if not jobs:
         print("nothing to grade: every submission has a record (use --force to grade again)")
         return 0
+    _share_cores(workers)
     saved = backup()
     if saved:
         print(f"gradebook backed up to {saved.relative_to(layout.ROOT)}")
@@ -177,6 +179,16 @@ def run(phases: list[str], student: str | None = None, force: bool = False, time
             bar.update()
     print(summary(records))
     return 1 if any(r["status"] != "graded" for r in records) else 0
+
+
+def _share_cores(workers: int) -> None:
+    """Give every kernel its share of the cores: ``workers`` submissions at a time, each graded by two
+    processes at once (nbgrader's kernel and the verifier). PyTorch starts one thread per core in
+    each; more threads than cores make every parallel operation wait for threads that are not
+    running (measured: see README, "Grading time"). An instructor's own OMP_NUM_THREADS is kept."""
+    threads = max(1, (os.cpu_count() or 1) // (2 * max(1, workers)))
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(name, str(threads))
 
 
 def summary(records: list[dict]) -> str:

@@ -41,7 +41,7 @@ LEVELS = ("bubblewrap", "unprivileged", "rlimits")
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 # Environment variables passed into the sandbox; everything else (tokens, keys) stays out.
 KEPT_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "NBGRADER_EXECUTION", "NBGRADER_VALIDATING",
-            "PYTHONWARNINGS", "TQDM_DISABLE", "JPY_SESSION_NAME")
+            "PYTHONWARNINGS", "TQDM_DISABLE", "JPY_SESSION_NAME", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 # Runs inside the sandbox, before the student's interpreter: set the rlimits, leave root.
 # A string run with `python -I -S -c`, so that it needs nothing from the course on the path.

@@ -163,3 +163,34 @@ def test_a_child_of_the_verifier_cannot_read_its_memory():
                                              "solution": False, "schema_version": 3}})])
     verdicts = verify.run(nb, nb, None, 60)
     assert verdicts.passed == {"ex1_test": True}, (verdicts.reasons, sys.platform)
+
+
+def test_each_grading_process_gets_its_share_of_the_cores(monkeypatch):
+    """Two submissions at a time on two cores, each graded by nbgrader's kernel and the verifier at
+    once: one thread each, and the setting reaches a process inside the sandbox. An instructor's
+    own OMP_NUM_THREADS wins."""
+    import os
+
+    from autograde import batch, verify
+
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(name, "")   # restored after the test
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    batch._share_cores(2)
+    assert os.environ["OMP_NUM_THREADS"] == os.environ["MKL_NUM_THREADS"] == "2"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    batch._share_cores(1)
+    assert os.environ["OMP_NUM_THREADS"] == "3"
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("MKL_NUM_THREADS", "1")
+    nb = new_notebook(cells=[
+        new_code_cell("import torch", metadata={"nbgrader": {"grade_id": "setup", "locked": True, "solution": False,
+                                                             "grade": False, "schema_version": 3}}),
+        new_code_cell("THREADS = torch.get_num_threads()", metadata={"nbgrader": {
+            "grade_id": "ex1_solution", "solution": True, "grade": False, "locked": False, "schema_version": 3}}),
+        new_code_cell("assert THREADS == 1, THREADS",
+                      metadata={"nbgrader": {"grade_id": "ex1_test", "grade": True, "points": 1, "locked": True,
+                                             "solution": False, "schema_version": 3}})])
+    verdicts = verify.run(nb, nb, None, 60)
+    assert verdicts.passed == {"ex1_test": True}, verdicts.reasons

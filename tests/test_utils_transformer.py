@@ -562,3 +562,15 @@ def test_unigram_loss_is_the_cross_entropy_of_character_frequencies():
     # add-one counts 4, 2, 1: p(0) = 4/7, p(1) = 2/7, p(2) = 1/7
     expected = -(math.log(4 / 7) + math.log(2 / 7)) / 2
     assert abs(ablations.unigram_loss(train, val, 3) - expected) < 1e-12
+
+
+def test_gelu_variant_is_a_config_choice_and_gpt2s_stays_the_default():
+    """GPT-2's tanh approximation by default; gelu="none" is the exact GELU that nanoGPT's recipe uses."""
+    x = torch.randn(3, 5, 16) * 3
+    for gelu in ("tanh", "none"):
+        torch.manual_seed(0)
+        mlp = tx.MLP(tx.GPTConfig(n_embd=16, gelu=gelu))
+        expected = mlp.c_proj(F.gelu(mlp.c_fc(x), approximate=gelu))
+        assert torch.allclose(mlp(x), expected, atol=1e-6)
+    assert tx.GPTConfig().gelu == "tanh"
+    assert not torch.allclose(F.gelu(x, approximate="tanh"), F.gelu(x), atol=1e-5)
