@@ -185,7 +185,7 @@ def _share_cores(workers: int) -> None:
     """Give every kernel its share of the cores: ``workers`` submissions at a time, each graded by two
     processes at once (nbgrader's kernel and the verifier). PyTorch starts one thread per core in
     each; more threads than cores make every parallel operation wait for threads that are not
-    running (measured: see README, "Grading time"). An instructor's own OMP_NUM_THREADS is kept."""
+    running (measured: README, "Throughput"). An instructor's own OMP_NUM_THREADS is kept."""
     threads = max(1, (os.cpu_count() or 1) // (2 * max(1, workers)))
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(name, str(threads))
