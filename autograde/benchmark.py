@@ -1,6 +1,6 @@
 """Time sandboxed, verified grading: one Phase 1 submission, then a batch of 20.
 
-    python -m autograde.benchmark [--phase 01_attention] [--batch 20]
+    python -m autograde.benchmark [--phase 01_attention] [--batch 20] [--workers N]
 
 Runs on a temporary copy of the course with the reference solutions as submissions;
 prints the machine, the sandbox level and the wall times (targets: 20 s and 4 minutes on 2 cores);
@@ -46,15 +46,17 @@ def _solved(phase: str, name: str):
     return nb
 
 
-def _grade(root: Path, phase: str, students: int) -> float:
+def _grade(root: Path, phase: str, students: int, workers: int | None = None) -> float:
     for i in range(students):
         folder = root / "autograde" / "submitted" / f"student{i:02d}" / phase
         folder.mkdir(parents=True, exist_ok=True)
         for path in (layout.RELEASE / phase).glob("*.ipynb"):
             nbformat.write(_solved(phase, path.name), folder / path.name)
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "autograde", "autograde", "--phase", phase, "--force"],
-                            cwd=root, capture_output=True, text=True)
+    command = [sys.executable, "-m", "autograde", "autograde", "--phase", phase, "--force"]
+    if workers:
+        command += ["--workers", str(workers)]
+    result = subprocess.run(command, cwd=root, capture_output=True, text=True)
     elapsed = time.monotonic() - started
     if result.returncode:
         raise SystemExit(result.stdout[-3000:] + result.stderr[-3000:])
@@ -65,6 +67,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--phase", default=layout.available_phases()[0])
     parser.add_argument("--batch", type=int, default=20)
+    parser.add_argument("--workers", type=int, help="submissions graded at a time (autograde's default: one per core)")
     args = parser.parse_args()
     print(f"machine: {platform.platform()}, {os.cpu_count()} cores, python {platform.python_version()}; "
           f"sandbox: {sandbox.level()}")
@@ -73,7 +76,7 @@ def main() -> None:
         # The first command records the phase in a new gradebook (about 7 s); later ones skip that.
         for students, label in ((1, "the first command, gradebook sync included"),
                                 (1, "gradebook already synced"), (args.batch, "gradebook already synced")):
-            seconds = _grade(root, args.phase, students)
+            seconds = _grade(root, args.phase, students, args.workers)
             print(f"{args.phase}: {students} submission(s) graded in {seconds:.1f} s ({label}), "
                   "command start to summary")
 
