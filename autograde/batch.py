@@ -14,6 +14,7 @@ import csv
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -28,6 +29,9 @@ from autograde import layout, manual, repair, sandbox, suspicion, verify
 RECORDS = layout.STATE / "records"
 BACKUPS = layout.STATE / "backups"
 LOGS = layout.STATE / "logs"
+# Seconds nbgrader may take over one whole submission (`autograde --submission-timeout`): far more
+# than an honest one needs (Phase 6, the longest: about 30 s on 2 cores), far less than a stalled one.
+SUBMISSION_TIMEOUT = 1200
 
 
 def record_path(phase: str, student: str) -> Path:
@@ -48,8 +52,11 @@ def _db_url() -> str:
     return f"sqlite:///{layout.GRADEBOOK}?timeout=60"
 
 
-def grade_one(phase: str, student: str, timeout: int, memory_gb: float) -> dict:
-    """Repair, grade, verify and scan one submission; write and return its record."""
+def grade_one(phase: str, student: str, timeout: int, memory_gb: float,
+              submission_timeout: float = SUBMISSION_TIMEOUT) -> dict:
+    """Repair, grade, verify and scan one submission; write and return its record. nbgrader gets
+    ``submission_timeout`` seconds for the whole submission: a kernel that swallows every interrupt
+    makes each later cell wait out its own timeout, and nothing else would bound that."""
     from autograde.cli import nbgrader  # the cli imports this module
 
     started = time.monotonic()
@@ -78,12 +85,24 @@ def grade_one(phase: str, student: str, timeout: int, memory_gb: float) -> dict:
                 if source_path.exists():
                     verifiers[path.name] = verify.start(nbformat.read(path, as_version=4),
                                                       nbformat.read(source_path, as_version=4), phase, timeout)
-            with open(LOGS / f"{phase}-{student}.log", "w") as log:
-                code = nbgrader("autograde", phase, f"--student={student}", "--force",
-                                f"--Execute.timeout={timeout}", log=log,
-                                env={"AUTOGRADE_MEMORY_GB": str(memory_gb),
-                                     "AUTOGRADE_SANDBOX": sandbox.level()})
-            if code:
+            kernel_uid = sandbox.new_uid()
+            try:
+                with open(LOGS / f"{phase}-{student}.log", "w") as log:
+                    code = nbgrader("autograde", phase, f"--student={student}", "--force",
+                                    f"--Execute.timeout={timeout}", log=log, timeout=submission_timeout,
+                                    env={"AUTOGRADE_MEMORY_GB": str(memory_gb),
+                                         "AUTOGRADE_SANDBOX": sandbox.level(),
+                                         "AUTOGRADE_UID": str(kernel_uid)})
+            except subprocess.TimeoutExpired:
+                code = None
+            finally:
+                if sandbox.IS_ROOT:  # whatever the submission left running as its kernel's uid
+                    sandbox.kill_user(kernel_uid)
+            if code is None:
+                record["status"] = "failed"
+                record["problems"].append(f"grading stopped after {submission_timeout:g} s "
+                                          "(autograde --submission-timeout): not scored")
+            elif code:
                 record["status"] = "failed"
                 record["problems"].append(f"nbgrader exited with {code}; see autograde/logs/{phase}-{student}.log")
             else:
@@ -149,7 +168,7 @@ def pending(phases: list[str], student: str | None, force: bool) -> list[tuple[s
 
 
 def run(phases: list[str], student: str | None = None, force: bool = False, timeout: int = 120,
-        memory_gb: float = 8.0, workers: int = 1) -> int:
+        memory_gb: float = 8.0, workers: int = 1, submission_timeout: float = SUBMISSION_TIMEOUT) -> int:
     """Grade the pending submissions, ``workers`` at a time; print a summary. Exit code 1 when
     a submission could not be graded (failed or invalid)."""
     from tqdm import tqdm
@@ -167,7 +186,7 @@ def run(phases: list[str], student: str | None = None, force: bool = False, time
     records = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, \
             tqdm(total=len(jobs), unit="submission", desc="grading") as bar:
-        futures = {pool.submit(grade_one, phase, name, timeout, memory_gb): (phase, name)
+        futures = {pool.submit(grade_one, phase, name, timeout, memory_gb, submission_timeout): (phase, name)
                    for phase, name in jobs}
         for future in as_completed(futures):
             phase, name = futures[future]

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -23,14 +24,28 @@ from pathlib import Path
 from autograde import batch, layout, manual, notebooks
 
 
-def nbgrader(*args: str, env: dict | None = None, log=None) -> int:
+def nbgrader(*args: str, env: dict | None = None, log=None, timeout: float | None = None) -> int:
     """Run an nbgrader command from the repository root (where its config is); return its exit code.
-    ``env`` adds variables; ``log`` (a file) receives its output instead of the terminal."""
+    ``env`` adds variables; ``log`` (a file) receives its output instead of the terminal. After
+    ``timeout`` seconds the command and everything in its process group are killed and
+    ``subprocess.TimeoutExpired`` is raised."""
     full_env = dict(os.environ, **(env or {}))
     # A new gradebook runs the `alembic` found on PATH: it must be this environment's.
     full_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full_env.get('PATH', '')}"
-    return subprocess.run([sys.executable, "-m", "nbgrader", *args], cwd=layout.ROOT, env=full_env,
-                          stdout=log, stderr=subprocess.STDOUT if log else None).returncode
+    process = subprocess.Popen([sys.executable, "-m", "nbgrader", *args], cwd=layout.ROOT, env=full_env,
+                               stdout=log, stderr=subprocess.STDOUT if log else None,
+                               start_new_session=timeout is not None)
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        raise
+    except BaseException:  # Ctrl-C in the instructor's terminal: nbgrader has its own group
+        if timeout is not None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        raise
 
 
 def _phases(selected: list[str] | None) -> list[str]:
@@ -154,7 +169,8 @@ def autograde(args) -> int:
     if code:
         return code
     return batch.run(phases, student=args.student, force=args.force, timeout=args.timeout,
-                     memory_gb=args.memory_gb, workers=args.workers)
+                     memory_gb=args.memory_gb, workers=args.workers,
+                     submission_timeout=args.submission_timeout)
 
 
 def feedback(args) -> int:
@@ -242,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="grade again submissions already graded")
     p.add_argument("--memory-gb", type=float, default=8.0, help="address-space limit per submission")
     p.add_argument("--timeout", type=int, default=120, help="seconds a cell may run")
+    p.add_argument("--submission-timeout", type=float, default=batch.SUBMISSION_TIMEOUT,
+                   help="seconds nbgrader may take over one submission before it is stopped")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="submissions graded at once (default: one per core)")
     command(feedback).add_argument("--phase", action="append")

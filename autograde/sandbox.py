@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import functools
 import os
+import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -79,10 +81,33 @@ class Limits:
         return cls(memory_bytes=int(float(gb) * 2**30)) if gb else cls()
 
 
-def sandbox_uid() -> int:
-    """An unprivileged uid of our own: concurrent graders get different ones, so that one
-    student's fork bomb does not use up another's process limit."""
-    return 200_000 + os.getpid() % 50_000
+def new_uid() -> int:
+    """A fresh unprivileged uid for one sandboxed process tree. The process limit counts every
+    process of a uid, so each kernel and each verifier gets its own: one student's fork bomb
+    cannot use up another's limit (nor their own verifier's), and `kill_user` stops exactly one tree."""
+    return 200_000 + secrets.randbelow(50_000)
+
+
+def kill_user(uid: int) -> int:
+    """SIGKILL every process running as ``uid`` (a sandbox uid: nothing else runs as it); return
+    how many. What a submission left behind (a fork bomb's sleepers, a kernel whose grader was
+    stopped) cannot outlive its grading. Reads /proc/<pid>/status, since a process that made
+    itself undumpable shows /proc/<pid> as root's."""
+    if uid <= 0 or not Path("/proc").is_dir():
+        return 0
+    killed = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+            real = next(line.split()[1] for line in status.splitlines() if line.startswith("Uid:"))
+            if int(real) == uid:
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed += 1
+        except (OSError, StopIteration, ValueError):
+            pass  # gone already
+    return killed
 
 
 def _hidden_trees() -> list[Path]:
@@ -178,12 +203,13 @@ def warning() -> str | None:
 
 
 def command(argv: list[str], workdir: Path, writable: list[Path] = (), limits: Limits | None = None,
-            level_: str | None = None, env: dict | None = None) -> list[str]:
+            level_: str | None = None, env: dict | None = None, uid: int | None = None) -> list[str]:
     """``argv`` wrapped to run sandboxed in ``workdir`` (which the sandbox may write, as may ``writable``),
-    with the variables of ``env`` (default: this process's) that :data:`KEPT_ENV` names."""
+    with the variables of ``env`` (default: this process's) that :data:`KEPT_ENV` names, as ``uid``
+    (default: a new one; ignored where the grader is not root or at the ``rlimits`` level)."""
     limits = limits or Limits.from_env()
     chosen = level_ or level()
-    uid = sandbox_uid() if IS_ROOT and chosen != "rlimits" else 0
+    uid = (uid or new_uid()) if IS_ROOT and chosen != "rlimits" else 0
     for path in [workdir, *writable]:
         if uid:
             os.chown(path, uid, uid)
@@ -231,7 +257,10 @@ class SandboxedKernelManager(AsyncKernelManager):
             limits = Limits(memory_bytes=int(self.memory_gb * 2**30), cpu_seconds=self.cpu_seconds)
         if warning():
             self.log.warning("autograde sandbox: %s", warning())
-        return command(cmd, self._workdir, [self._private], limits, env=kw.get("env")), kw
+        # The batch chose this kernel's uid (AUTOGRADE_UID), so that it can stop whatever the
+        # submission left running once grading ends or runs out of time.
+        uid = int(os.environ.get("AUTOGRADE_UID") or 0) or None
+        return command(cmd, self._workdir, [self._private], limits, env=kw.get("env"), uid=uid), kw
 
     async def _async_cleanup_resources(self, restart: bool = False) -> None:
         await super()._async_cleanup_resources(restart=restart)

@@ -138,6 +138,10 @@ def run_both(graded_nb, source_nb, phase: str, timeout: float, expect_failures: 
     return _finish(verify, timeout), _finish(visible, timeout)
 
 
+# Seconds one harness process may run in all, whatever its cells do (each cell also has its own
+# deadline): like nbgrader's `--submission-timeout`, the bound that keeps a batch from stalling.
+WHOLE_RUN_SECONDS = 1200
+
 # A verdict stream that breaks the harness's order voids every verdict of the run.
 OUT_OF_ORDER = "the verdict stream broke the harness's order (a line written by something else)"
 
@@ -153,6 +157,8 @@ def _collect(process, nonce: str, timeout: float, verdicts: Verdicts, order: lis
     selector = selectors.DefaultSelector()
     selector.register(process.stdout, selectors.EVENT_READ)
     deadline = time.monotonic() + timeout + 15  # set-up cell included
+    # Counted from here: until now the harness ran beside nbgrader, itself bounded.
+    last_call = time.monotonic() + WHOLE_RUN_SECONDS
     buffer = b""
     current, reported = -1, False
 
@@ -164,7 +170,7 @@ def _collect(process, nonce: str, timeout: float, verdicts: Verdicts, order: lis
 
     try:
         while True:
-            left = deadline - time.monotonic()
+            left = min(deadline, last_call) - time.monotonic()
             if left <= 0 or not selector.select(timeout=left):
                 return
             chunk = os.read(process.stdout.fileno(), 65536)

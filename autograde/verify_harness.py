@@ -66,13 +66,17 @@ def _main():
                       "sys.addaudithook", "open", "compile", "exec",
                       "gc.get_referrers", "gc.get_referents", "gc.get_objects", "ctypes.",
                       "_thread.start_new_thread", "object.__getattr__", "code.__new__",
-                      "function.__new__", "cpython.")
+                      "function.__new__", "cpython.", "object.__setattr__")
 
     def audit(event, args):
         if hooked[0] or not event.startswith(watched_events):
             return
         # Reading a function's __code__ is harmless; reaching frames through tracebacks or generators is not.
         if event == "object.__getattr__" and not (len(args) > 1 and str(args[1]).endswith("_frame")):
+            return
+        # Setting attributes is harmless, but for a function's code: torch's code in a student's
+        # function would pass for torch's own wrapper (`compiler_wrapped`).
+        if event == "object.__setattr__" and not (len(args) > 1 and args[1] == "__code__"):
             return
         # Files are the sandbox's business, except this process's own memory and state.
         if event == "open" and not (args and str(args[0]).startswith("/proc")):
@@ -140,12 +144,6 @@ def _main():
         say("setup-failed", f"{type(error).__name__}: {error}")
         return
 
-    # Importing torch's compiler later rebinds torch functions (it wraps torch.manual_seed):
-    # let that happen before the snapshot, not during a student's cell.
-    try:
-        import torch._dynamo  # noqa: F401
-    except ImportError:
-        pass
     guard_class = []
     try:
         from utils.checks import _Guard
@@ -207,9 +205,26 @@ def _main():
         for name, before in snapshot.items():
             now = watched[name]
             for key, value in before.items():
-                if key not in volatile and now.get(key, missing) is not value:
+                if key not in volatile and now.get(key, missing) is not value \
+                        and not compiler_wrapped(name, key, now.get(key), value):
                     return f"{name}.{key} was replaced"
         return None
+
+    torch_package = os.path.dirname(torch.__file__) + os.sep
+    _type, _CodeType = type, types.CodeType
+
+    def compiler_wrapped(module, key, now, before):
+        """torch's compiler wraps a few torch functions in place the first time a cell uses
+        torch.compile (torch.manual_seed, torch.jit.trace): the same function underneath, in a
+        function of torch's own. Honest work that compiles must not void its verdicts. (A
+        function's code cannot be swapped for torch's unnoticed: the audit hook refuses it.)"""
+        if not module.startswith("torch") or "torch._dynamo" not in sys.modules:
+            return False
+        if _type(now) is not _FunctionType:
+            return False
+        code = now.__code__
+        return (_type(code) is _CodeType and code.co_filename.startswith(torch_package)
+                and now.__dict__.get("__wrapped__") is before)
 
     sys.addaudithook(audit)
     _signal(_sigalrm, on_alarm)

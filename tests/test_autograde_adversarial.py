@@ -8,6 +8,7 @@ the fork bomb) run only where bubblewrap works; elsewhere they are skipped with 
 
 import hashlib
 import json
+import subprocess
 
 import nbformat
 import pytest
@@ -268,11 +269,27 @@ def batch(tmp_path_factory):
     assert instructor(root, "collect", str(inbox), "--phase", PHASE).returncode == 0
     (root / "autograde" / "submitted" / "utils_beside" / PHASE / "utils.py").write_text(FAKE_UTILS)
     # About thirty submissions, two at a time: more than the default 15 minutes on a busy machine.
-    graded = instructor(root, "autograde", "--timeout", "20", "--memory-gb", "6", timeout=2400)
+    # The longest (a loop that swallows interrupts) takes about 100 s here; 300 s bounds a stall.
+    try:
+        graded = instructor(root, "autograde", "--timeout", "20", "--memory-gb", "6",
+                            "--submission-timeout", "300", timeout=2400)
+    except subprocess.TimeoutExpired:
+        pytest.fail("grading stalled; " + progress(root, cases))
     feedback = instructor(root, "feedback")
     export = instructor(root, "export", "--to", str(root / "grades.csv"))
     repo_after = tree_hash(layout.ROOT / "utils", layout.ROOT / "solutions", layout.ROOT / "course")
     return root, cases, graded, feedback, export, repo_before == repo_after
+
+
+def progress(root, cases):
+    """Which submissions were graded (and how long each took), which were not, and the end of
+    the latter's nbgrader logs: what a stalled CI run needs to say."""
+    records = root / "autograde" / "records" / PHASE
+    done = {p.stem: json.loads(p.read_text()).get("seconds") for p in records.glob("*.json")}
+    waiting = sorted(set(cases) - set(done))
+    logs = {name: (root / "autograde" / "logs" / f"{PHASE}-{name}.log") for name in waiting}
+    tails = {name: log.read_text()[-1500:] for name, log in logs.items() if log.exists()}
+    return f"graded (seconds): {done}; not graded: {waiting}; their logs' ends: {tails}"
 
 
 def record(root, student):

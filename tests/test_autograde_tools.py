@@ -1,6 +1,7 @@
 """Unit tests of the instructor tooling that need no nbgrader run."""
 
 import re
+from pathlib import Path
 
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
@@ -194,3 +195,112 @@ def test_each_grading_process_gets_its_share_of_the_cores(monkeypatch):
                                              "solution": False, "schema_version": 3}})])
     verdicts = verify.run(nb, nb, None, 60)
     assert verdicts.passed == {"ex1_test": True}, verdicts.reasons
+
+
+def test_a_stalled_nbgrader_is_stopped_with_its_whole_process_group(monkeypatch, tmp_path):
+    """A kernel that swallows every interrupt makes each later cell wait out its own timeout: the
+    whole submission has a limit, and what nbgrader started in its group goes with it."""
+    import subprocess
+    import sys
+    import time
+
+    import pytest
+
+    from autograde import cli
+
+    child = tmp_path / "child.pid"
+    fake = tmp_path / "fake-python"
+    fake.write_text(f"#!/bin/sh\nsleep 300 &\necho $! > {child}\nsleep 300\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(fake))
+    started = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired):
+        cli.nbgrader("autograde", "01_attention", timeout=1)
+    assert time.monotonic() - started < 30
+    pid = int(child.read_text())
+    time.sleep(0.2)
+    state = Path(f"/proc/{pid}/stat")
+    assert not state.exists() or state.read_text().split(")")[1].split()[0] == "Z", \
+        "a process nbgrader started outlived the limit"
+
+
+def test_a_submission_past_its_limit_is_recorded_as_failed(monkeypatch, tmp_path):
+    """The batch goes on: the stalled submission is reported, not silently scored."""
+    import subprocess
+
+    from autograde import batch, cli
+
+    monkeypatch.setattr(layout, "SUBMITTED", tmp_path / "submitted")
+    monkeypatch.setattr(batch, "LOGS", tmp_path / "logs")
+    monkeypatch.setattr(batch, "RECORDS", tmp_path / "records")
+    monkeypatch.setattr(batch, "_scan", lambda *a: [])
+    monkeypatch.setattr(batch, "_scores", lambda *a: {"score": None, "max_score": None})
+    monkeypatch.setattr(batch.manual, "ungraded", lambda *a: 0)
+    monkeypatch.setattr(batch.verify, "start", lambda *a: None)
+    monkeypatch.setattr(batch.verify, "cancel", lambda job: None)
+    folder = layout.SUBMITTED / "stalls" / "01_attention"
+    folder.mkdir(parents=True)
+    nbformat.write(new_notebook(cells=[new_code_cell("x = 1")]), folder / "attention.ipynb")
+
+    def stalls(*args, timeout=None, **kw):
+        raise subprocess.TimeoutExpired("nbgrader", timeout)
+    monkeypatch.setattr(cli, "nbgrader", stalls)
+    record = batch.grade_one("01_attention", "stalls", 20, 4.0, submission_timeout=7)
+    assert record["status"] == "failed" and any("stopped after 7 s" in p for p in record["problems"])
+
+
+def test_every_sandboxed_process_tree_gets_its_own_uid_and_can_be_stopped():
+    """The process limit counts every process of a uid: a fork bomb in one verifier must not use up
+    another submission's limit, and `kill_user` stops one tree and nothing else."""
+    import os
+    import subprocess
+    import time
+
+    import pytest
+
+    from autograde import sandbox
+
+    uids = {sandbox.new_uid() for _ in range(20)}
+    assert len(uids) >= 19 and all(200_000 <= u < 250_000 for u in uids)
+    if not sandbox.IS_ROOT:
+        pytest.skip("running processes as another uid needs root")
+    uid = sandbox.new_uid()
+    mine = subprocess.Popen(["sleep", "60"])
+    theirs = [subprocess.Popen(["sleep", "60"], user=uid, group=uid, extra_groups=[]) for _ in range(3)]
+    try:
+        assert sandbox.kill_user(uid) == 3
+        for process in theirs:
+            assert process.wait(timeout=10) == -9
+        assert mine.poll() is None, "a process of another uid was killed"
+    finally:
+        for process in [mine, *theirs]:
+            process.kill()
+            process.wait()
+    assert sandbox.kill_user(uid) == 0
+
+
+def test_torch_compile_in_honest_work_does_not_void_verdicts():
+    """torch's compiler wraps torch.manual_seed and torch.jit.trace in place the first time a cell
+    compiles: that is allowed; a student's own wrapper, or a function given torch's code, is not."""
+    from autograde import verify
+
+    def cell(source, **nbgrader):
+        meta = {"grade": False, "solution": False, "locked": False, "schema_version": 3, **nbgrader}
+        return new_code_cell(source, metadata={"nbgrader": meta})
+
+    def verdicts(answer):
+        nb = new_notebook(cells=[
+            cell("import torch", grade_id="setup", locked=True),
+            cell(answer, grade_id="ex1_solution", solution=True),
+            cell("assert float(F(torch.ones(2)).sum()) == 4.0", grade_id="ex1_test", grade=True, points=1,
+                 locked=True)])
+        return verify.run(nb, nb, None, 120)
+
+    honest = verdicts("F = torch.compile(lambda x: x * 2, backend='eager')\nF(torch.ones(2))")
+    assert honest.passed == {"ex1_test": True}, honest.reasons
+    own_wrapper = ("F = torch.compile(lambda x: x * 2, backend='eager')\nF(torch.ones(2))\n_seed = torch.manual_seed\n"
+                   "def seed(s):\n    return _seed(s)\nseed.__wrapped__ = _seed\ntorch.manual_seed = seed")
+    assert verdicts(own_wrapper).reasons["ex1_test"] == "torch.manual_seed was replaced"
+    borrowed_code = own_wrapper.replace("torch.manual_seed = seed", "try:\n    seed.__code__ = torch.jit.trace"
+                                        ".__code__\nexcept Exception:\n    pass\ntorch.manual_seed = seed")
+    assert "object.__setattr__" in verdicts(borrowed_code).reasons["ex1_test"]
