@@ -192,6 +192,9 @@ def attacks(root):
         "infinite_loop": (with_ex1("while True:\n    pass", solve=True), lose1, False, False),
         "swallows_interrupt": (with_ex1("while True:\n    try:\n        while True:\n            pass\n"
                                         "    except BaseException:\n        pass", solve=True), lose1, False, False),
+        # Every later cell waits 12 s, under the 20 s cell limit: only the whole-submission limit ends it.
+        "slows_every_cell": (with_ex1("import time\nget_ipython().events.register('pre_run_cell', "
+                                      "lambda *a: time.sleep(12))", solve=True), full, True, False),
         "memory_bomb": (with_ex1("hog = bytearray(12 * 2**30)", solve=True), lose1, False, False),
         "huge_output": (with_ex1("for _ in range(200_000):\n    print('x' * 100)", solve=True), full, False, False),
         "kernel_crash": (with_ex1("import os\nos._exit(1)", solve=True), lose1, True, False),
@@ -269,10 +272,10 @@ def batch(tmp_path_factory):
     assert instructor(root, "collect", str(inbox), "--phase", PHASE).returncode == 0
     (root / "autograde" / "submitted" / "utils_beside" / PHASE / "utils.py").write_text(FAKE_UTILS)
     # About thirty submissions, two at a time: more than the default 15 minutes on a busy machine.
-    # The longest (a loop that swallows interrupts) takes about 100 s here; 300 s bounds a stall.
+    # An honest submission takes 25-55 s here, the slowest attack about 110 s; one runs into the limit.
     try:
         graded = instructor(root, "autograde", "--timeout", "20", "--memory-gb", "6",
-                            "--submission-timeout", "300", timeout=2400)
+                            "--submission-timeout", "150", timeout=2400)
     except subprocess.TimeoutExpired:
         pytest.fail("grading stalled; " + progress(root, cases))
     feedback = instructor(root, "feedback")
@@ -307,6 +310,8 @@ def test_batch_reports_what_it_could_not_grade(batch):
     assert "invalid_json" in graded.stdout and "invalid" in graded.stdout
     assert feedback.returncode == 0 and export.returncode == 0, feedback.stderr + export.stderr
     assert any((root / "autograde" / "backups").glob("gradebook-*.db"))
+    stalled = record(root, "slows_every_cell")
+    assert stalled["status"] == "failed" and any("stopped after 150 s" in p for p in stalled["problems"]), stalled
 
 
 @pytest.mark.parametrize("student", ["honest_full", "honest_partial", "honest_magics", "forbidden_builtin",
