@@ -30,7 +30,8 @@ RECORDS = layout.STATE / "records"
 BACKUPS = layout.STATE / "backups"
 LOGS = layout.STATE / "logs"
 # Seconds nbgrader may take over one whole submission (`autograde --submission-timeout`): far more
-# than an honest one needs (Phase 6, the longest: about 30 s on 2 cores), far less than a stalled one.
+# than an honest one needs (36-90 s per phase, two at a time on 2 cores; a blank Phase 5 102 s),
+# far less than a stalled one.
 SUBMISSION_TIMEOUT = 1200
 
 
