@@ -29,10 +29,10 @@ from autograde import layout, manual, repair, sandbox, suspicion, verify
 RECORDS = layout.STATE / "records"
 BACKUPS = layout.STATE / "backups"
 LOGS = layout.STATE / "logs"
-# Seconds nbgrader may take over one whole submission (`autograde --submission-timeout`): far more
-# than an honest one needs (36-90 s per phase, two at a time on 2 cores; a blank Phase 5 102 s),
-# far less than a stalled one.
-SUBMISSION_TIMEOUT = 1200
+# Seconds nbgrader may take over one whole submission (`autograde --submission-timeout`; by default
+# the bound of each verifier run): far more than an honest one needs (36-90 s per phase, two at a time
+# on 2 cores; a blank Phase 5 102 s), far less than a stalled one.
+SUBMISSION_TIMEOUT = verify.WHOLE_RUN_SECONDS
 
 
 def record_path(phase: str, student: str) -> Path:
@@ -56,8 +56,8 @@ def _db_url() -> str:
 def grade_one(phase: str, student: str, timeout: int, memory_gb: float,
               submission_timeout: float = SUBMISSION_TIMEOUT) -> dict:
     """Repair, grade, verify and scan one submission; write and return its record. nbgrader gets
-    ``submission_timeout`` seconds for the whole submission: a kernel that swallows every interrupt
-    makes each later cell wait out its own timeout, and nothing else would bound that."""
+    ``submission_timeout`` seconds for the whole submission: a kernel that keeps every cell just
+    under the cell limit (a `pre_run_cell` hook that sleeps) is bounded by nothing else."""
     from autograde.cli import nbgrader  # the cli imports this module
 
     started = time.monotonic()
