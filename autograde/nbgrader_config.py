@@ -53,6 +53,10 @@ c.Execute.interrupt_on_timeout = True
 # default, which fails the whole submission ("Timeout waiting for IOPub output").
 c.Execute.iopub_timeout = 60
 
+# A graded copy keeps no widget state: the explorers' figures made 5 MB of Phase 1's copy (and of its
+# feedback page), written and validated for every submission, for widgets nobody moves there.
+c.Execute.store_widget_state = False
+
 # A student who deletes a locked test cell gets it back (and is graded on it).
 c.OverwriteCells.add_missing_cells = True
 

@@ -58,3 +58,16 @@ def test_setup_notebook_reports_in_plain_words(monkeypatch, capsys):
     assert runtime.setup_notebook(seed=1) == torch.device("cpu")
     report = capsys.readouterr().out
     assert "Running on the CPU" in report and "torch" in report and "shrunk or skipped" in report
+
+
+def test_importing_utils_spares_notebooks_the_iri_grammar():
+    """plotly imports nbformat, nbformat imports jsonschema, and jsonschema builds a grammar for an
+    optional IRI check (2 s) if `rfc3987_syntax` can be imported: every notebook, grading kernel,
+    verifier and nbgrader process starts with `import utils`, which must prevent it."""
+    import subprocess
+    import sys
+
+    code = ("import utils, nbformat, jsonschema, sys; "
+            "print('rfc3987_syntax' in sys.modules and sys.modules['rfc3987_syntax'] is not None)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -28,3 +28,11 @@ later phases need, so that they work even when a student skipped an exercise.
 The tests of an exercise that a reference here implements switch that reference off
 (``checks.shortcuts_off``): calling it earns nothing.
 """
+
+import sys as _sys
+
+# Importing plotly imports nbformat, which imports jsonschema, which builds a grammar for an optional
+# IRI format check (the `rfc3987_syntax` package) when it is installed: about 2.3 s of every notebook's
+# first cell, of every grading kernel and verifier, for a check nothing here uses. jsonschema skips
+# that check when the package cannot be imported; an earlier import of it is kept.
+_sys.modules.setdefault("rfc3987_syntax", None)
