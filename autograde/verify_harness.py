@@ -10,6 +10,11 @@ nothing and nothing it relies on was replaced, traced or reached through frames.
 Verdicts go to a private copy of stdout, each line prefixed with a nonce the student's
 code never sees through ordinary means (stdout itself goes to /dev/null).
 
+All of this runs in a thread of its own, not in the main thread: only the main thread may
+install a signal handler, and a handler receives the frame it interrupted, whose ``f_back``
+chain (no audit event guards it) would lead to the nonce. The main thread holds nothing but
+each cell's deadline: past it, it raises ``CellTimeout`` in the grading thread.
+
 Mode ``verify`` reports pass/fail with reasons from a fixed vocabulary (never a string the
 submission controls). Mode ``visible`` runs the released notebook's visible tests only (no
 hidden test ever reaches that process) and reports each failure's message: that is the only
@@ -17,14 +22,18 @@ text of a grading run that reaches the student's feedback.
 """
 
 
-def _main():
+def _main(watch):
+    """Grade the job read from stdin. ``watch``: [this thread's id, the running cell's deadline
+    or None, the lock guarding it, the exception class the main thread raises past the deadline,
+    whether it has raised it since the deadline was set]."""
     # Everything the verdicts use is bound here, before any student code runs.
+    import _thread
     import builtins
     import json
     import os
-    import signal
     import sys
     import threading
+    import time
     import types
 
     # No other process may read this one's memory (the nonce, the verdicts being written): a child
@@ -45,8 +54,8 @@ def _main():
     os.dup2(devnull, 2)
     _exec, _compile, _isinstance = exec, compile, isinstance
     _gettrace, _getprofile, _getframe = sys.gettrace, sys.getprofile, sys._getframe
-    _alarm, _signal, _sigalrm = signal.alarm, signal.signal, signal.SIGALRM
     _BaseException, _Module = BaseException, types.ModuleType
+    _get_ident, _monotonic = _thread.get_ident, time.monotonic
     _known_errors = {cls: cls.__name__ for cls in (
         TypeError, ValueError, RuntimeError, IndexError, KeyError, AttributeError, NameError,
         NotImplementedError, ZeroDivisionError, MemoryError, RecursionError, SyntaxError, ImportError,
@@ -61,7 +70,7 @@ def _main():
     # rewrite the harness's state; any of these from a student cell voids later verdicts.
     suspicious = []
     stdlib = os.path.dirname(os.__file__) + os.sep
-    hooked = [False]
+    hooked = set()  # the threads inside the hook (the main thread's own calls must not open a gap)
     watched_events = ("sys._getframe", "sys._current_frames", "sys.settrace", "sys.setprofile",
                       "sys.addaudithook", "open", "compile", "exec",
                       "gc.get_referrers", "gc.get_referents", "gc.get_objects", "ctypes.",
@@ -69,7 +78,7 @@ def _main():
                       "function.__new__", "cpython.", "object.__setattr__")
 
     def audit(event, args):
-        if hooked[0] or not event.startswith(watched_events):
+        if not event.startswith(watched_events) or _get_ident() in hooked:
             return
         # Reading a function's __code__ is harmless; reaching frames through tracebacks or generators is not.
         if event == "object.__getattr__" and not (len(args) > 1 and str(args[1]).endswith("_frame")):
@@ -92,7 +101,7 @@ def _main():
             owner = getattr(_getprofile(), "__self__", None)
             if type(owner) is guard_class[0] and owner.caught:
                 return
-        hooked[0] = True
+        hooked.add(_get_ident())
         try:
             frame = _getframe(1)
             if event == "sys._getframe":
@@ -103,9 +112,16 @@ def _main():
                 if caller.startswith("<student"):
                     suspicious.append(event)
                     raise PermissionError(f"{event} is not available while grading")
+                if outside_student_code(frame, args[0] if args else None):
+                    suspicious.append(event + " (through a library)")
+                    raise PermissionError(f"{event} is not available while grading")
                 if not (caller.startswith(stdlib) and
                         frame.f_globals.get("__name__", "") in ("inspect", "traceback")):
                     return
+            if event == "sys._current_frames" and student_frame(frame) is not None:
+                # Every thread's frames, the harness's included: refused whoever asks for the student.
+                suspicious.append(event)
+                raise PermissionError(f"{event} is not available while grading")
             # The first caller outside the standard library (inspect, ctypes, threading wrap these
             # calls): a student cell calling them directly is suspicious, torch calling them is not.
             while frame is not None and frame.f_code.co_filename.startswith(stdlib):
@@ -115,13 +131,53 @@ def _main():
                 # Refused, not only noted: a frame or a raw pointer would reach the verdicts.
                 raise PermissionError(f"{event} is not available while grading")
         finally:
-            hooked[0] = False
+            hooked.discard(_get_ident())
 
-    class CellTimeout(_BaseException):
-        pass
+    def student_frame(frame):
+        """The innermost frame of student code on the stack from ``frame`` outwards, or None."""
+        while frame is not None and not frame.f_code.co_filename.startswith("<student"):
+            frame = frame.f_back
+        return frame
 
-    def on_alarm(signum, frame):
-        raise CellTimeout(f"cell ran longer than {timeout} s")
+    def outside_student_code(frame, returned):
+        """Whether a library called by student code was handed a frame outside the student's own
+        (IPython's `extract_module_locals(depth)` returns any frame's locals: the hidden tests',
+        the harness's). Frames inside the student's call (namedtuple naming its class) are fine."""
+        frame = student_frame(frame)
+        if frame is None:
+            return False
+        frame = frame.f_back
+        while frame is not None:
+            if frame is returned:
+                return True
+            frame = frame.f_back
+        return False
+
+    _, _, guard, CellTimeout, _ = watch
+
+    def bounded(seconds, function, *args):
+        """``function(*args)``, interrupted by the main thread after ``seconds``: (result, error)."""
+        result = error = None
+        try:
+            with guard:
+                watch[1] = _monotonic() + seconds
+            result = function(*args)
+        except _BaseException as caught:  # student errors continue, like nbgrader's cells
+            error = caught
+        while True:  # disarm; an interrupt sent but not yet raised must land here, not later
+            try:
+                with guard:
+                    watch[1] = None
+                    sent, watch[4] = watch[4], False
+                if sent:
+                    # It is raised at the first backward jump (clearing it instead, by passing NULL
+                    # to PyThreadState_SetAsyncExc, leaves CPython 3.11 checking for it at every
+                    # instruction: 100 times slower). If the student swallowed it, this takes 2 ms.
+                    for _ in range(100_000):
+                        pass
+                return result, error
+            except _BaseException as caught:
+                error = error or caught
 
     ns = {"__name__": "__main__", "__builtins__": builtins}
     try:
@@ -227,19 +283,14 @@ def _main():
                 and now.__dict__.get("__wrapped__") is before)
 
     sys.addaudithook(audit)
-    _signal(_sigalrm, on_alarm)
+
     def run(source, name, namespace):
         """Run one piece of a cell; return the exception it raised, or None."""
         try:
             code = _compile(source, name, "exec")
-            _alarm(timeout)
-            try:
-                _exec(code, namespace)
-            finally:
-                _alarm(0)
-        except _BaseException as caught:  # student errors continue, like nbgrader's cells
+        except _BaseException as caught:
             return caught
-        return None
+        return bounded(timeout, _exec, code, namespace)[1]
 
     def reason(error):
         """Why a test failed, in words the submission cannot choose."""
@@ -252,13 +303,8 @@ def _main():
 
     def message(error):
         """The visible test's own message (visible mode: no hidden test exists in this process)."""
-        try:
-            _alarm(5)
-            try:
-                text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-            finally:
-                _alarm(0)
-        except _BaseException:
+        text, failed = bounded(5, lambda: f"{type(error).__name__}: {error}" if str(error) else type(error).__name__)
+        if failed is not None or type(text) is not str:
             text = "the test raised an error"
         return text if len(text) <= 1500 else text[:1500] + " [...]"
 
@@ -290,4 +336,36 @@ def _main():
     say("done")
 
 
-_main()
+def _start():
+    """Grade in a new thread; this one enforces the deadlines (see the module's docstring)."""
+    import _thread
+    import ctypes
+    import time
+
+    class CellTimeout(BaseException):
+        pass
+
+    raise_in = ctypes.pythonapi.PyThreadState_SetAsyncExc
+    raise_in.argtypes = (ctypes.c_ulong, ctypes.py_object)
+    guard, finished = _thread.allocate_lock(), _thread.allocate_lock()
+    watch = [None, None, guard, CellTimeout, False]
+    finished.acquire()
+
+    def grade():
+        try:
+            watch[0] = _thread.get_ident()
+            _main(watch)
+        finally:
+            finished.release()
+
+    _thread.stack_size(64 << 20)  # as deep as the main thread's usual 8 MB and more
+    _thread.start_new_thread(grade, ())
+    while not finished.acquire(timeout=0.2):
+        with guard:
+            if watch[1] is not None and time.monotonic() > watch[1]:
+                raise_in(watch[0], CellTimeout)
+                watch[1] = time.monotonic() + 1  # again in a second if it was swallowed
+                watch[4] = True
+
+
+_start()

@@ -69,6 +69,47 @@ except Exception:
     pass
 """
 
+# Frames no audit event guards: a signal handler receives the frame it interrupted, and IPython's
+# `extract_module_locals(depth)` returns the locals of any frame above its caller; either way up
+# to the verifier's verdict writer. nbgrader's kernel is fooled by an input transformer.
+FRAMES_WITHOUT_GETFRAME = """
+try:
+    get_ipython().input_transformers_cleanup.append(lambda lines: ['pass\\n'])
+except Exception:
+    pass
+
+def _forge(values):
+    # The harness's own writer, and the stream it would write: each later cell announced, each test passed.
+    _say, _job, _index = values.get("say"), values.get("job"), values.get("index")
+    if callable(_say) and isinstance(_job, dict) and isinstance(_index, int):
+        for _j, _cell in enumerate(_job["cells"]):
+            if _j > _index:
+                _say("cell", _j)
+                if _cell["kind"] == "test":
+                    _say("test", _cell["id"], "pass", "")
+        _say("done")
+        import os
+        os._exit(0)
+
+def _from_signal(signum, frame):
+    while frame is not None:
+        _forge(frame.f_locals)
+        frame = frame.f_back
+
+try:
+    import os, signal
+    signal.signal(signal.SIGUSR1, _from_signal)
+    os.kill(os.getpid(), signal.SIGUSR1)
+except Exception:
+    pass
+try:
+    from IPython.utils.frame import extract_module_locals
+    for _depth in range(1, 40):
+        _forge(extract_module_locals(_depth)[1])
+except Exception:
+    pass
+"""
+
 # The verifier's nonce read from its memory by a child process (same uid), then verdict lines
 # forged on every file descriptor; nbgrader's kernel is fooled by an input transformer.
 READS_GRADER_MEMORY = """
@@ -225,6 +266,7 @@ def attacks(root):
         "utils_beside": (with_ex1(""), lose1, False, False),
         "forges_verdicts": (with_ex1(FORGE_VERDICTS.format(gids=[g for e in SOURCE.exercises() for g in SOURCE.tests_of(e)])),
                             lose1, True, False),
+        "frames_without_getframe": (with_ex1(FRAMES_WITHOUT_GETFRAME), lose1, True, False),
         "reads_grader_memory": (with_ex1(READS_GRADER_MEMORY.format(gids=[g for e in SOURCE.exercises() for g in SOURCE.tests_of(e)])),
                                 lose1, True, False),
         "lying_tensors": (submission(replace={"ex1": WRONG_EX1 + LYING_TENSORS}), lose1, True, False),

@@ -304,3 +304,32 @@ def test_torch_compile_in_honest_work_does_not_void_verdicts():
     borrowed_code = own_wrapper.replace("torch.manual_seed = seed", "try:\n    seed.__code__ = torch.jit.trace"
                                         ".__code__\nexcept Exception:\n    pass\ntorch.manual_seed = seed")
     assert "object.__setattr__" in verdicts(borrowed_code).reasons["ex1_test"]
+
+
+def test_student_code_runs_outside_the_main_thread_and_gets_no_frame_through_a_library():
+    """A signal handler would receive the frame it interrupts (its f_back leads to the verdict
+    writer): student code runs where no handler can be installed. A cell past its limit is
+    interrupted and the next cells run. A library handing out the locals of a frame above the
+    student's (IPython's extract_module_locals) is refused and voids the verdicts."""
+    from autograde import verify
+
+    def cell(source, **nbgrader):
+        meta = {"grade": False, "solution": False, "locked": False, "schema_version": 3, **nbgrader}
+        return new_code_cell(source, metadata={"nbgrader": meta})
+
+    def verdicts(*answers):
+        cells = [cell("import torch", grade_id="setup", locked=True)]
+        for i, answer in enumerate(answers):
+            cells.append(cell(answer, grade_id=f"ex{i}_solution", solution=True))
+        cells.append(cell("assert SIGNAL == 'refused' and AFTER_LOOP", grade_id="ex_test", grade=True,
+                          points=1, locked=True))
+        nb = new_notebook(cells=cells)
+        return verify.run(nb, nb, None, 4)
+
+    signal_cell = ("import os, signal\ntry:\n    signal.signal(signal.SIGUSR1, lambda number, frame: None)\n"
+                   "    SIGNAL = 'installed'\nexcept ValueError:\n    SIGNAL = 'refused'")
+    honest = verdicts(signal_cell, "while True:\n    pass", "AFTER_LOOP = True")
+    assert honest.passed == {"ex_test": True}, honest.reasons
+    peeking = verdicts(signal_cell + "\nfrom IPython.utils.frame import extract_module_locals\n"
+                       "try:\n    extract_module_locals(1)\nexcept PermissionError:\n    pass\n", "AFTER_LOOP = True")
+    assert "through a library" in peeking.reasons["ex_test"], peeking.reasons
