@@ -112,7 +112,7 @@ def _main(watch):
                 if caller.startswith("<student"):
                     suspicious.append(event)
                     raise PermissionError(f"{event} is not available while grading")
-                if outside_student_code(frame, args[0] if args else None):
+                if library_hands_out(frame, args[0] if args else None):
                     suspicious.append(event + " (through a library)")
                     raise PermissionError(f"{event} is not available while grading")
                 if not (caller.startswith(stdlib) and
@@ -139,18 +139,32 @@ def _main(watch):
             frame = frame.f_back
         return frame
 
-    def outside_student_code(frame, returned):
-        """Whether a library called by student code was handed a frame outside the student's own
-        (IPython's `extract_module_locals(depth)` returns any frame's locals: the hidden tests',
-        the harness's). Frames inside the student's call (namedtuple naming its class) are fine."""
-        frame = student_frame(frame)
-        if frame is None:
+    # Modules that read only a name from the frame they ask for (namedtuple, Enum, TypeVar naming
+    # their module), and the modules that walk frames on their caller's behalf (a debugger stores
+    # every frame up the stack in attributes a subclass can intercept).
+    names_only = ("collections", "typing", "typing_extensions", "enum")
+    frame_walkers = ("bdb", "pdb", "doctest", "IPython.core.debugger", "IPython.terminal", "IPython.utils.frame",
+                     "IPython.lib.backgroundjobs", "pydantic")
+
+    def library_hands_out(frame, returned):
+        """Whether a library asking for a frame while student code runs may hand the student a way
+        out of its own frames (IPython's `extract_module_locals(depth)` and pydantic return any
+        frame's locals: the hidden tests', the harness's). Measured on every phase's reference
+        run: the libraries asked only for frames inside the student's call (torch, ipywidgets,
+        typing), and for the student's own frame only to name things or for `%time`'s locals."""
+        student = student_frame(frame)
+        if student is None:
             return False
-        frame = frame.f_back
-        while frame is not None:
-            if frame is returned:
-                return True
-            frame = frame.f_back
+        module = frame.f_globals.get("__name__", "")
+        if module.startswith(frame_walkers):
+            return True
+        if returned is student:
+            return not (module in names_only or module == "IPython.core.interactiveshell")
+        outer = student.f_back
+        while outer is not None:
+            if outer is returned:
+                return module not in names_only
+            outer = outer.f_back
         return False
 
     _, _, guard, CellTimeout, _ = watch

@@ -69,9 +69,10 @@ except Exception:
     pass
 """
 
-# Frames no audit event guards: a signal handler receives the frame it interrupted, and IPython's
-# `extract_module_locals(depth)` returns the locals of any frame above its caller; either way up
-# to the verifier's verdict writer. nbgrader's kernel is fooled by an input transformer.
+# Frames no audit event guards: a signal handler receives the frame it interrupted, IPython's
+# `extract_module_locals(depth)` returns the locals of any frame above its caller, and a debugger
+# subclass receives every frame up the stack; each way up to the verifier's verdict writer.
+# nbgrader's kernel is fooled by an input transformer.
 FRAMES_WITHOUT_GETFRAME = """
 try:
     get_ipython().input_transformers_cleanup.append(lambda lines: ['pass\\n'])
@@ -106,6 +107,19 @@ try:
     from IPython.utils.frame import extract_module_locals
     for _depth in range(1, 40):
         _forge(extract_module_locals(_depth)[1])
+except Exception:
+    pass
+try:
+    import pdb
+
+    class _Debugger(pdb.Pdb):
+        # bdb's set_trace stores every frame up the stack in `botframe`, one after the other.
+        def _keep(self, frame):
+            if frame is not None:
+                _forge(frame.f_locals)
+        botframe = property(lambda self: None, _keep)
+
+    _Debugger().set_trace()
 except Exception:
     pass
 """

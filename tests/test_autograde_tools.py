@@ -310,7 +310,8 @@ def test_student_code_runs_outside_the_main_thread_and_gets_no_frame_through_a_l
     """A signal handler would receive the frame it interrupts (its f_back leads to the verdict
     writer): student code runs where no handler can be installed. A cell past its limit is
     interrupted and the next cells run. A library handing out the locals of a frame above the
-    student's (IPython's extract_module_locals) is refused and voids the verdicts."""
+    student's (IPython's extract_module_locals) or walking the frames for it (a debugger) is
+    refused and voids the verdicts."""
     from autograde import verify
 
     def cell(source, **nbgrader):
@@ -333,3 +334,10 @@ def test_student_code_runs_outside_the_main_thread_and_gets_no_frame_through_a_l
     peeking = verdicts(signal_cell + "\nfrom IPython.utils.frame import extract_module_locals\n"
                        "try:\n    extract_module_locals(1)\nexcept PermissionError:\n    pass\n", "AFTER_LOOP = True")
     assert "through a library" in peeking.reasons["ex_test"], peeking.reasons
+    debugging = verdicts(signal_cell + "\nimport pdb\ntry:\n    pdb.Pdb().set_trace()\nexcept PermissionError:\n"
+                         "    pass\n", "AFTER_LOOP = True")
+    assert "through a library" in debugging.reasons["ex_test"], debugging.reasons
+    # Libraries that ask for the student's own frame to name something, and `%time`, are fine.
+    naming = verdicts(signal_cell + "\nimport collections, enum, typing\nP = collections.namedtuple('P', 'a')\n"
+                      "C = enum.Enum('C', 'A B')\nT = typing.TypeVar('T')\n%time AFTER_LOOP = True")
+    assert naming.passed == {"ex_test": True}, naming.reasons
