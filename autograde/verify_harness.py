@@ -118,9 +118,11 @@ def _main(watch):
                 if not (caller.startswith(stdlib) and
                         frame.f_globals.get("__name__", "") in ("inspect", "traceback")):
                     return
-            if event == "sys._current_frames" and student_frame(frame) is not None:
-                # Every thread's frames, the harness's included: refused whoever asks for the student.
-                suspicious.append(event)
+            if event in ("sys._current_frames", "object.__getattr__") and student_frame(frame) is not None:
+                # Every thread's frames, or the frame of a traceback or generator (stack_data's
+                # FrameInfo hands it on): refused whoever asks while student code runs. Every
+                # phase's reference run asks for neither.
+                suspicious.append(event if event != "object.__getattr__" else str(args[1]))
                 raise PermissionError(f"{event} is not available while grading")
             # The first caller outside the standard library (inspect, ctypes, threading wrap these
             # calls): a student cell calling them directly is suspicious, torch calling them is not.

@@ -70,8 +70,9 @@ except Exception:
 """
 
 # Frames no audit event guards: a signal handler receives the frame it interrupted, IPython's
-# `extract_module_locals(depth)` returns the locals of any frame above its caller, and a debugger
-# subclass receives every frame up the stack; each way up to the verifier's verdict writer.
+# `extract_module_locals(depth)` returns the locals of any frame above its caller, a debugger
+# subclass receives every frame up the stack, stack_data hands on a traceback's frame; each way up
+# to the verifier's verdict writer.
 # nbgrader's kernel is fooled by an input transformer.
 FRAMES_WITHOUT_GETFRAME = """
 try:
@@ -120,6 +121,18 @@ try:
         botframe = property(lambda self: None, _keep)
 
     _Debugger().set_trace()
+except Exception:
+    pass
+try:
+    1 / 0
+except ZeroDivisionError as _error:
+    _traceback = _error.__traceback__
+try:
+    import stack_data  # IPython's, installed with it: it reads the traceback's frame for the student
+    _frame = stack_data.FrameInfo(_traceback).frame
+    while _frame is not None:
+        _forge(_frame.f_locals)
+        _frame = _frame.f_back
 except Exception:
     pass
 """

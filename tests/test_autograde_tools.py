@@ -310,8 +310,8 @@ def test_student_code_runs_outside_the_main_thread_and_gets_no_frame_through_a_l
     """A signal handler would receive the frame it interrupts (its f_back leads to the verdict
     writer): student code runs where no handler can be installed. A cell past its limit is
     interrupted and the next cells run. A library handing out the locals of a frame above the
-    student's (IPython's extract_module_locals) or walking the frames for it (a debugger) is
-    refused and voids the verdicts."""
+    student's (IPython's extract_module_locals), walking the frames for it (a debugger) or
+    reading a traceback's frame for it (stack_data) is refused and voids the verdicts."""
     from autograde import verify
 
     def cell(source, **nbgrader):
@@ -337,6 +337,10 @@ def test_student_code_runs_outside_the_main_thread_and_gets_no_frame_through_a_l
     debugging = verdicts(signal_cell + "\nimport pdb\ntry:\n    pdb.Pdb().set_trace()\nexcept PermissionError:\n"
                          "    pass\n", "AFTER_LOOP = True")
     assert "through a library" in debugging.reasons["ex_test"], debugging.reasons
+    traceback_frame = verdicts(signal_cell + "\ntry:\n    1 / 0\nexcept ZeroDivisionError as error:\n"
+                               "    import stack_data\n    try:\n        stack_data.FrameInfo(error.__traceback__)\n"
+                               "    except PermissionError:\n        pass\n", "AFTER_LOOP = True")
+    assert "tb_frame" in traceback_frame.reasons["ex_test"], traceback_frame.reasons
     # Libraries that ask for the student's own frame to name something, and `%time`, are fine.
     naming = verdicts(signal_cell + "\nimport collections, enum, typing\nP = collections.namedtuple('P', 'a')\n"
                       "C = enum.Enum('C', 'A B')\nT = typing.TypeVar('T')\n%time AFTER_LOOP = True")
