@@ -374,7 +374,7 @@ def _start():
         finally:
             finished.release()
 
-    _thread.stack_size(64 << 20)  # as deep as the main thread's usual 8 MB and more
+    _thread.stack_size(64 << 20)  # deep recursion as in the main thread (whose stack is usually 8 MB)
     _thread.start_new_thread(grade, ())
     while not finished.acquire(timeout=0.2):
         with guard:

@@ -12,6 +12,12 @@ from autograde.feedback import FeedbackFromVerdicts
 from autograde.cli import main
 
 
+def cell(source, **nbgrader):
+    """A code cell with nbgrader's metadata (not graded, not a solution, unless told)."""
+    meta = {"grade": False, "solution": False, "locked": False, "schema_version": 3, **nbgrader}
+    return new_code_cell(source, metadata={"nbgrader": meta})
+
+
 def grade_cell(source, outputs=()):
     cell = new_code_cell(source, outputs=list(outputs))
     cell.metadata["nbgrader"] = {"grade": True, "grade_id": "t", "locked": True, "points": 1,
@@ -284,10 +290,6 @@ def test_torch_compile_in_honest_work_does_not_void_verdicts():
     compiles: that is allowed; a student's own wrapper, or a function given torch's code, is not."""
     from autograde import verify
 
-    def cell(source, **nbgrader):
-        meta = {"grade": False, "solution": False, "locked": False, "schema_version": 3, **nbgrader}
-        return new_code_cell(source, metadata={"nbgrader": meta})
-
     def verdicts(answer):
         nb = new_notebook(cells=[
             cell("import torch", grade_id="setup", locked=True),
@@ -313,10 +315,6 @@ def test_student_code_runs_outside_the_main_thread_and_gets_no_frame_through_a_l
     student's (IPython's extract_module_locals), walking the frames for it (a debugger) or
     reading a traceback's frame for it (stack_data) is refused and voids the verdicts."""
     from autograde import verify
-
-    def cell(source, **nbgrader):
-        meta = {"grade": False, "solution": False, "locked": False, "schema_version": 3, **nbgrader}
-        return new_code_cell(source, metadata={"nbgrader": meta})
 
     def verdicts(*answers):
         cells = [cell("import torch", grade_id="setup", locked=True)]
