@@ -85,7 +85,8 @@ def grade_one(phase: str, student: str, timeout: int, memory_gb: float,
                 source_path = layout.SOURCE / phase / path.name
                 if source_path.exists():
                     verifiers[path.name] = verify.start(nbformat.read(path, as_version=4),
-                                                      nbformat.read(source_path, as_version=4), phase, timeout)
+                                                      nbformat.read(source_path, as_version=4), phase, timeout,
+                                                      notebook=path.stem)
             kernel_uid = sandbox.new_uid()
             try:
                 with open(LOGS / f"{phase}-{student}.log", "w") as log:
@@ -141,9 +142,12 @@ def _verify(record: dict, phase: str, student: str, notebooks: list[Path], timeo
             if not source_path.exists() or not graded_path.exists():
                 continue
             source = nbformat.read(source_path, as_version=4)
-            overrides, feedback = verify.apply(gradebook, graded_path, source, phase, path.stem, student, timeout,
-                                               started=verifiers.pop(path.name, None))
+            overrides, feedback, judged = verify.apply(gradebook, graded_path, source, phase, path.stem, student,
+                                                       timeout, started=verifiers.pop(path.name, None))
             record["overrides"] += [dict(o, notebook=path.name) for o in overrides]
+            # The tests decided by the judge, which runs no student code (autograde/judge.py).
+            record.setdefault("judged", {})[path.name] = judged["judged"]
+            record["flags"] += judged["flags"]
             # What the student's feedback may say per test cell (autograde/feedback.py reads it).
             record.setdefault("feedback", {})[path.name] = feedback
 

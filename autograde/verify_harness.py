@@ -6,7 +6,10 @@ work as in JupyterLab) and the test cells in notebook order. A test cell's visib
 the notebook's namespace; its hidden part runs in a copy of it, where the student's functions
 return plain values (``utils.checks.plain``): nothing the hidden tests define is within the
 student's reach, and no returned object can lie about equality. A test passes only if it raises
-nothing and nothing it relies on was replaced, traced or reached through frames.
+nothing and nothing it relies on was replaced, traced or reached through frames. For the tests the
+job names (``record``), each call a test makes into a student function is recorded as plain data
+(``utils/replay.py``) and sent after the verdict's cell announcement, for the judge
+(``judge_harness.py``), which replays the test in a process where no student code runs.
 Verdicts go to a private copy of stdout, each line prefixed with a nonce the student's
 code never sees through ordinary means (stdout itself goes to /dev/null).
 
@@ -223,22 +226,63 @@ def _main(watch):
     except ImportError:
         pass
     try:
-        from utils.checks import plain_results
-    except ImportError:
+        from utils.checks import plain_results, plain
+        from utils import replay, transcript
+    except ImportError:  # a course without these helpers: nothing to record
+        transcript = None
+
         def plain_results(function):
             return function
     from IPython.core.inputtransformer2 import TransformerManager
     _as_python = TransformerManager().transform_cell
     _FunctionType = types.FunctionType
 
-    def hidden_namespace():
+    def student_functions():
+        return {name: value for name, value in ns.items()
+                if _isinstance(value, _FunctionType) and value.__code__.co_filename.startswith("<student")}
+
+    def hidden_namespace(recorder):
         """A copy of the notebook's namespace for one cell's hidden tests: what they define stays
-        there, and the student's functions hand back plain values."""
+        there, and the student's functions hand back plain values (recorded for the judge)."""
         copy = dict(ns)
-        for name, value in ns.items():
-            if _isinstance(value, _FunctionType) and value.__code__.co_filename.startswith("<student"):
-                copy[name] = plain_results(value)
+        for name, value in student_functions().items():
+            copy[name] = recorder.wrap(value, name) if recorder else plain_results(value)
         return copy
+
+    setup_values = dict(ns)
+
+    def global_names(code):
+        """Every global name a test's code (its functions and comprehensions included) may read."""
+        names = set(code.co_names)
+        for const in code.co_consts:
+            if _isinstance(const, types.CodeType):
+                names |= global_names(const)
+        return names
+
+    def start_record(cell):
+        """What the judge needs besides the test's code: the random state, and the values of the
+        names the test reads that the set-up cell did not bind (the student's functions are
+        replayed from the calls recorded while the test runs)."""
+        names = {}
+        for part in (cell["visible"], cell.get("hidden", "")):
+            try:
+                needed = global_names(_compile(part, "<test>", "exec"))
+            except _BaseException:
+                continue
+            for name in needed:
+                if name not in ns or name in names:
+                    continue
+                value = ns[name]
+                if _isinstance(value, _FunctionType) and value.__code__.co_filename.startswith("<student"):
+                    names[name] = ("function",)
+                elif name in setup_values and setup_values[name] is value:
+                    continue
+                else:
+                    try:
+                        names[name] = ("data", transcript.encode(plain(value)))
+                    except _BaseException as error:
+                        names[name] = ("opaque", type(error).__name__)
+        return {"names": names, "state": transcript.encode(transcript.global_state())}
 
     # What the verdicts rely on: modules' dictionaries, builtins, core classes, the names
     # the set-up cell bound to modules.
@@ -335,11 +379,26 @@ def _main(watch):
                 pass
             run(source, f"<student cell {index}>", ns)
             continue
-        error = run(cell["visible"], f"<test {cell['id']}>", ns)
         if visible_only:
+            error = run(cell["visible"], f"<test {cell['id']}>", ns)
             say("test", cell["id"], "fail" if error else "pass", message(error) if error else "")
             continue
-        test_ns = hidden_namespace()
+        recorder = record = None
+        if transcript is not None and cell["id"] in job.get("record", ()):
+            recorder, record = replay.Recorder(plain), bounded(timeout, start_record, cell)[0]
+        if recorder is None:
+            error = run(cell["visible"], f"<test {cell['id']}>", ns)
+        else:
+            # The visible part calls the student's functions as recorded, in a copy of the notebook's
+            # namespace (the student's own code keeps calling them directly, unrecorded); what it
+            # defines is then kept in the notebook's namespace, as in nbgrader.
+            visible_ns = hidden_namespace(recorder)
+            wrappers = {name: visible_ns[name] for name in student_functions()}
+            error = run(cell["visible"], f"<test {cell['id']}>", visible_ns)
+            for name, value in visible_ns.items():
+                if wrappers.get(name) is not value:
+                    ns[name] = value
+        test_ns = hidden_namespace(recorder)
         if error is None and cell.get("hidden"):
             error = run(cell["hidden"], f"<test {cell['id']} hidden>", test_ns)
         voided = voided or tampering(test_ns)
@@ -348,6 +407,12 @@ def _main(watch):
         elif error is not None:
             say("test", cell["id"], "fail", reason(error))
         else:
+            if record is not None:
+                record["calls"] = recorder.calls
+                text, failed = bounded(timeout, transcript.to_bytes, record)
+                if failed is None:
+                    # Larger than the judge takes: an empty record (the test is then left to a person).
+                    say("record", cell["id"], text if len(text) <= transcript.LARGEST_RECORD else "")
             say("test", cell["id"], "pass", "")
     say("done")
 

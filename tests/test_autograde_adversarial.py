@@ -252,6 +252,27 @@ for pattern in ["*.ipynb", "../**/*.ipynb", "/tmp/**/solutions/**/*.ipynb", "{ro
 """
 
 # name: (notebook, the most points it may earn, flagged?, sandbox only?)
+# Raw memory, no frame, no audit event, no replaced name: numpy reads an array over any address, here
+# that of `torch.allclose` (and `torch.equal`), whose method entry becomes that of `"yes".format`,
+# which takes any arguments and answers "yes". Both graders' own processes are fooled; the judge,
+# which runs no student code, replays the recorded calls and is not.
+RAW_MEMORY = """
+import numpy as _np, torch as _torch
+
+class _Raw:
+    def __init__(self, address, n):
+        self.__array_interface__ = {"data": (address, False), "shape": (n,), "typestr": "<u8", "version": 3}
+
+def _words(obj, n):
+    return _np.asarray(_Raw(id(obj), n))
+
+_yes = "yes".format
+for _name in ("allclose", "equal"):
+    _target, _donor = _words(getattr(_torch, _name), 7), _words(_yes, 7)
+    _target[2], _target[3], _target[6] = _donor[2], _donor[3], _donor[6]  # method entry, self, vectorcall
+"""
+
+
 def attacks(root):
     full, lose1 = TOTAL, TOTAL - points("ex1")
     cases = {
@@ -296,6 +317,7 @@ def attacks(root):
         "frames_without_getframe": (with_ex1(FRAMES_WITHOUT_GETFRAME), lose1, True, False),
         "reads_grader_memory": (with_ex1(READS_GRADER_MEMORY.format(gids=[g for e in SOURCE.exercises() for g in SOURCE.tests_of(e)])),
                                 lose1, True, False),
+        "raw_memory": (submission(replace={"ex2": MISSING_SCALE + RAW_MEMORY}), full - points("ex2"), True, False),
         "lying_tensors": (submission(replace={"ex1": WRONG_EX1 + LYING_TENSORS}), lose1, True, False),
         "borrows_reference": (submission(replace={"ex1": WRONG_EX1 + BORROWS_REFERENCE}), lose1, True, False),
         "escapes_dispatch": (submission(replace={"ex2": SOURCE.solution_source("ex2") + ESCAPES_DISPATCH}),
@@ -436,8 +458,16 @@ def test_verifier_overrides_show_as_failures_in_feedback(batch):
 def test_forged_verdicts_and_borrowed_references_are_overridden(batch):
     """nbgrader's kernel is fooled by these; the verifier, whose hidden tests run apart, is not."""
     root, *_ = batch
-    for student in ("forges_verdicts", "reads_grader_memory", "borrows_reference"):
+    for student in ("forges_verdicts", "reads_grader_memory", "borrows_reference", "raw_memory"):
         assert record(root, student)["overrides"] or total(root, student) <= TOTAL - points("ex1"), record(root, student)
+
+
+def test_raw_memory_fools_both_graders_processes_but_not_the_judge(batch):
+    """nbgrader scored the wrong ex2 as right (its kernel's torch.allclose says "yes"); the verifier's
+    process was fooled the same way; the judge, replaying the recorded values, lowered the score."""
+    root, *_ = batch
+    judged = {o["cell"] for o in record(root, "raw_memory")["overrides"] if o["reason"].startswith("the judge")}
+    assert judged == set(SOURCE.tests_of("ex2")), record(root, "raw_memory")
 
 
 def test_feedback_is_written_for_every_graded_submission(batch):

@@ -79,6 +79,21 @@ def test_solution_gets_full_marks(graded, phase):
 
 
 @pytest.mark.parametrize("phase", PHASES)
+def test_the_judge_decided_every_replayable_test_of_the_solution(graded, phase):
+    """The judge (autograde/judge.py) replayed the reference's calls for every cell listed in
+    autograde/replayable.json, outside the student's process, and passed them (full marks above)."""
+    import json
+
+    from autograde import judge
+
+    root, logs = graded
+    record = json.loads((root / "autograde" / "records" / phase / "solver.json").read_text())
+    for name in notebooks_of(phase):
+        assert sorted(record.get("judged", {}).get(name, [])) == sorted(judge.replayable(phase, name)), (name, record)
+    assert not record["flags"], record["flags"]
+
+
+@pytest.mark.parametrize("phase", PHASES)
 def test_untouched_release_runs_to_the_end_and_earns_nothing(graded, phase):
     root, _ = graded
     got = grades(root, phase, "starter")

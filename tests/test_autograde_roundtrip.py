@@ -96,6 +96,7 @@ def course_copy(tmp: Path) -> Path:
     (root / "autograde").mkdir()
     for script in (layout.ROOT / "autograde").glob("*.py"):
         shutil.copy2(script, root / "autograde")
+    shutil.copy2(layout.ROOT / "autograde" / "replayable.json", root / "autograde")  # the judge's list
     shutil.copy2(layout.ROOT / "nbgrader_config.py", root)
     return root
 

@@ -150,6 +150,54 @@ def test_verdicts_count_only_in_the_harness_order(tmp_path):
         assert verdicts.passed == {"a": False, "b": False} and set(verdicts.reasons.values()) == {OUT_OF_ORDER}, lines
 
 
+def judged_notebook(solution):
+    return new_notebook(cells=[
+        cell("import torch", grade_id="setup", locked=True),
+        cell(solution, grade_id="ex1_solution", solution=True),
+        cell("out = double(torch.ones(2))\nassert out.shape == (2,)\n### BEGIN HIDDEN TESTS\n"
+             "x = torch.randn(3, generator=torch.Generator().manual_seed(0))\n"
+             "assert torch.allclose(double(x), 2 * x)\n### END HIDDEN TESTS\n",
+             grade_id="ex1_test", grade=True, points=1, locked=True)])
+
+
+def test_the_judge_decides_a_replayable_test_whatever_the_student_s_process_says(monkeypatch):
+    """The student's process could in principle say anything (memory rewritten through a raw pointer:
+    tests/test_autograde_adversarial.py, `raw_memory`). Here it is made to say "pass" for every test;
+    the judge, which runs no student code, replays the recorded calls and fails the wrong answer."""
+    from autograde import judge, verify
+
+    monkeypatch.setattr(judge, "replayable", lambda phase, notebook: ["ex1_test"])
+    right, wrong = judged_notebook("def double(x):\n    return x + x"), judged_notebook("def double(x):\n    return x * 3")
+    verdicts = verify.run(right, right, None, 60)
+    assert verdicts.passed == {"ex1_test": True} and verdicts.judged == ["ex1_test"], verdicts
+    says_pass = verify.HARNESS.replace("        elif error is not None:\n", "        elif False:\n")
+    assert says_pass != verify.HARNESS
+    monkeypatch.setattr(verify, "HARNESS", says_pass)
+    verdicts = verify.run(wrong, wrong, None, 60)
+    assert verdicts.passed == {"ex1_test": False}, verdicts
+    assert verdicts.reasons["ex1_test"] == "the judge: a check failed on the recorded values"
+    # A process that sends no record of the calls for a replayable test has not passed it.
+    silent = says_pass.replace('say("record", ', '(lambda *parts: None)(')
+    assert silent != says_pass
+    monkeypatch.setattr(verify, "HARNESS", silent)
+    verdicts = verify.run(right, right, None, 60)
+    assert verdicts.passed == {"ex1_test": False} and "no record" in verdicts.reasons["ex1_test"], verdicts
+
+
+def test_the_replayable_list_names_real_test_cells():
+    import json
+
+    from autograde import judge
+
+    for key, cells in json.loads(judge.REPLAYABLE.read_text()).items():
+        phase, name = key.split("/")
+        nb = nbformat.read(layout.SOURCE / phase / f"{name}.ipynb", as_version=4)
+        tests = {c.metadata["nbgrader"]["grade_id"] for c in nb.cells
+                 if c.metadata.get("nbgrader", {}).get("grade") and c.cell_type == "code"}
+        assert set(cells) <= tests, (key, set(cells) - tests)
+    assert judge.replayable("01_attention", "attention.ipynb"), "Phase 1's function exercises are judged"
+
+
 def test_a_child_of_the_verifier_cannot_read_its_memory():
     """The harness is not dumpable: a process the student starts (same uid) cannot open its memory."""
     import sys
@@ -242,7 +290,7 @@ def test_a_submission_past_its_limit_is_recorded_as_failed(monkeypatch, tmp_path
     monkeypatch.setattr(batch, "_scan", lambda *a: [])
     monkeypatch.setattr(batch, "_scores", lambda *a: {"score": None, "max_score": None})
     monkeypatch.setattr(batch.manual, "ungraded", lambda *a: 0)
-    monkeypatch.setattr(batch.verify, "start", lambda *a: None)
+    monkeypatch.setattr(batch.verify, "start", lambda *a, **k: None)
     monkeypatch.setattr(batch.verify, "cancel", lambda job: None)
     folder = layout.SUBMITTED / "stalls" / "01_attention"
     folder.mkdir(parents=True)

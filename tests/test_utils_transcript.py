@@ -1,0 +1,171 @@
+"""utils.transcript and utils.replay: the record of a test's calls into student functions, and its replay in the judge."""
+
+import collections
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from utils import replay, transcript
+from utils.checks import plain
+from utils.transformer import GPTConfig
+
+
+def roundtrip(value):
+    return transcript.decode(transcript.from_bytes(transcript.to_bytes(transcript.encode(value))))
+
+
+def test_plain_values_cross_exactly():
+    Pair = collections.namedtuple("Pair", "loss count")
+    value = {"t": torch.arange(6.0).reshape(2, 3), "b": torch.ones(2, dtype=torch.bfloat16),
+             "n": [1, 2.5, True, None, "s", b"x", 1 + 2j], "pair": Pair(torch.zeros(1), 3),
+             "dtype": torch.float16, "size": torch.Size([2, 3]), "slice": slice(1, None, 2),
+             "np": np.arange(4, dtype=np.int16), "npf": np.float32(1.5), "config": GPTConfig(n_layer=1)}
+    back = roundtrip(value)
+    assert back.keys() == value.keys()
+    assert type(back["t"]) is torch.Tensor and torch.equal(back["t"], value["t"])
+    assert back["b"].dtype == torch.bfloat16 and back["n"] == value["n"]
+    assert back["pair"]._fields == ("loss", "count") and back["pair"].count == 3
+    assert back["dtype"] is torch.float16 and back["size"] == torch.Size([2, 3]) and back["slice"] == slice(1, None, 2)
+    assert back["np"].dtype == np.int16 and (back["np"] == value["np"]).all() and back["npf"] == np.float32(1.5)
+    assert back["config"] == value["config"]
+
+
+def test_anything_else_is_opaque_and_a_malformed_record_is_refused():
+    class Student:
+        pass
+
+    for value in (Student(), iter([1]), torch.nn.Linear(2, 2).__class__, lambda: 1):
+        with pytest.raises(transcript.Opaque):
+            transcript.encode(value)
+    for tree in (("dtype", "manual_seed"), ("dataclass", "os", "path", []), ("nope", 1), ("value", object()),
+                 ("tensor", torch.zeros(1)), ("list", "abc"), ["value", 1]):
+        with pytest.raises(ValueError):
+            transcript.decode(tree)
+
+
+def test_a_record_is_read_back_as_data_only():
+    """torch.load(weights_only=True) refuses to build any other class: a forged record cannot run code."""
+    import base64
+    import io
+    import pickle
+
+    class Boom:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    forged = base64.b64encode(pickle.dumps({"calls": [Boom()]})).decode()
+    with pytest.raises(Exception):
+        transcript.from_bytes(forged)
+    buffer = io.BytesIO()
+    torch.save({"x": Boom()}, buffer)
+    with pytest.raises(Exception):
+        transcript.from_bytes(base64.b64encode(buffer.getvalue()).decode())
+
+
+def record_and_replay(student, test):
+    """Run ``test(f)`` with ``f`` the recorded student function, then again with its replay (from
+    the same random state); both results, and whether the replay used every recorded call."""
+    recorder = replay.Recorder(plain)
+    torch.manual_seed(0)
+    first = test(recorder.wrap(student, "student"))
+    calls = transcript.from_bytes(transcript.to_bytes({"calls": recorder.calls}))["calls"]
+    replayed = replay.Replay(calls)
+    torch.manual_seed(0)
+    second = test(replayed.stub("student"))
+    return first, second, replayed.finished()
+
+
+def test_a_replay_gives_back_results_changes_in_place_and_the_random_state():
+    def student(x, history):
+        noise = torch.randn(3)          # the student's own draw: the test's next draw must follow it
+        x.mul_(2)                       # in place, as an optimizer step does
+        history.append(len(history))
+        return x.sum() + noise.sum(), {"noise": noise}
+
+    def test(f):
+        x, history = torch.ones(3), []
+        total, extra = f(x, history)
+        return x.clone(), list(history), total, extra["noise"], torch.randn(2)
+
+    first, second, finished = record_and_replay(student, test)
+    assert finished
+    for a, b in zip(first, second):
+        assert a == b if isinstance(a, list) else torch.equal(a, b)
+
+
+def test_gradients_flow_back_through_a_replayed_call():
+    def student(logits, target):
+        return torch.nn.functional.cross_entropy(logits, target), logits.softmax(-1)
+
+    def test(f):
+        logits = torch.randn(4, 5, requires_grad=True)
+        loss, probs = f(logits, torch.tensor([1, 2, 3, 0]))
+        (loss + probs[:, 0].sum()).backward()
+        return logits.grad
+
+    first, second, finished = record_and_replay(student, test)
+    assert finished and torch.allclose(first, second)
+
+
+def test_a_replay_refuses_other_calls_than_recorded():
+    recorder = replay.Recorder(plain)
+    f = recorder.wrap(lambda x: x + 1, "student")
+    f(torch.ones(2))
+    for call in (lambda g: g(torch.zeros(2)), lambda g: (g(torch.ones(2)), g(torch.ones(2)))):
+        with pytest.raises(replay.Mismatch):
+            call(replay.Replay(recorder.calls).stub("student"))
+    with pytest.raises(replay.Mismatch):
+        replay.Replay(recorder.calls).stub("other")(torch.ones(2))
+    # A gradient other than the one the recorded run sent back.
+    g = recorder.wrap(lambda x: (x * 3).sum(), "loss")
+    x = torch.ones(2, requires_grad=True)
+    g(x).backward()
+    replayed = replay.Replay(recorder.calls[1:]).stub("loss")(torch.ones(2, requires_grad=True))
+    with pytest.raises(replay.Mismatch):
+        (replayed * 2).backward()
+
+
+def test_the_test_s_callbacks_are_called_again_by_the_replay():
+    def student(query, budget):
+        return query(2.0, 3.0) + query(4.0, budget)
+
+    spent = []
+
+    def test(f):
+        spent.clear()
+
+        def query(n, d):
+            spent.append(n * d)
+            return n * d + float(torch.rand(()))
+        return f(query, 5.0), list(spent)
+
+    first, second, finished = record_and_replay(student, test)
+    assert finished and first == second and second[1] == [6.0, 20.0]
+
+
+def test_recording_is_invisible_to_the_test_s_dispatch_modes():
+    """A test that counts the operators (or the memory) of the student's call must see only the
+    student's own work, not the recorder's copies."""
+    seen = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    recorded = replay.Recorder(plain).wrap(lambda x: x * 2, "student")
+    x = torch.randn(8)
+    with Count():
+        recorded(x)
+    assert seen == ["aten.mul.Tensor"], seen
+
+
+def test_a_result_that_is_not_data_leaves_the_test_undecided():
+    """A correct function may return something that cannot cross (a generator): the judge must not
+    fail it, only say that a person should look."""
+    recorder = replay.Recorder(plain)
+    assert list(recorder.wrap(lambda n: (i * i for i in range(n)), "squares")(3)) == [0, 1, 4]
+    with pytest.raises(replay.Undecidable):
+        replay.Replay(recorder.calls).stub("squares")(3)

@@ -1,0 +1,451 @@
+"""Both sides of a test's calls into student functions: ``Recorder`` in the verifier, ``Replay`` in the judge.
+
+In the verifier (``autograde/verify_harness.py``) each call a test makes into a student function is
+recorded (``utils/transcript.py`` holds the format): its arguments, what it changed in place
+(tensors, a module's weights, an optimizer's state, a generator), its result or the kind of error it
+raised, the random state it left, the calls it made back into functions the test passed, and, when
+the test backpropagates through a result, the gradient arriving there and what it gave each input.
+In the judge (``autograde/judge_harness.py``), a process that never runs student code, each student
+function is a ``Replay`` stub answering from that record: the test's references and comparisons are
+the judge's own, so nothing the student's process did to itself (a forged verdict, memory rewritten
+through a raw pointer) passes a wrong value off as right. Calls that differ from the record raise
+``Mismatch``; a value that cannot cross raises ``Undecidable`` (a person should look).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from utils.transcript import (Callback, Opaque, decode, encode, global_state, same, set_global_state,
+                              state_changes, versions_of, module_tensors)
+
+# Errors a replayed call may raise again in the judge (a test may expect the student's function to
+# raise one); any other recorded error becomes a RuntimeError.
+ERRORS = {cls.__name__: cls for cls in (
+    TypeError, ValueError, RuntimeError, IndexError, KeyError, AttributeError, NotImplementedError,
+    ZeroDivisionError, AssertionError, OverflowError, StopIteration, ArithmeticError, LookupError)}
+
+
+class Mismatch(BaseException):
+    """The test's calls in the judge differ from the recorded ones. A BaseException, so that a test's
+    own ``except Exception`` cannot swallow it."""
+
+
+class Undecidable(Mismatch):
+    """The student's function returned (or left in an argument) a value that cannot cross as data:
+    the judge cannot decide the test, and a person should look."""
+
+
+def _unseen():
+    """Tensor operations that a test's dispatch modes do not see: the recorder's copies must not
+    count as reads, allocations or forbidden operators of the student's call they surround."""
+    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.Python) | \
+        torch._C.DispatchKeySet(torch._C.DispatchKey.PythonTLSSnapshot)
+    return torch._C._ExcludeDispatchKeyGuard(keys)
+
+
+# ---------------------------------------------------------------------------
+# Gradients through a recorded call: a test may backpropagate through what the student returned
+# ---------------------------------------------------------------------------
+
+def grad_leaves(value) -> list:
+    """The tensors requiring a gradient in a call's arguments (a module's parameters included), in
+    an order both sides compute alike."""
+    found = []
+
+    def visit(item):
+        if isinstance(item, torch.Tensor):
+            if item.requires_grad:
+                found.append(item)
+        elif isinstance(item, torch.nn.Module):
+            found.extend(p for p in item.parameters() if p.requires_grad)
+        elif type(item) in (list, tuple) or isinstance(item, tuple):
+            for x in item:
+                visit(x)
+        elif type(item) is dict:
+            for x in item.values():
+                visit(x)
+
+    visit(value)
+    return found
+
+
+def map_tensors(function, value):
+    """``value`` with each tensor ``t`` in it (lists, tuples, named tuples, dicts) replaced by ``function(t)``."""
+    if isinstance(value, torch.Tensor):
+        return function(value)
+    if type(value) is list:
+        return [map_tensors(function, x) for x in value]
+    if isinstance(value, tuple):
+        items = [map_tensors(function, x) for x in value]
+        return type(value)(*items) if hasattr(type(value), "_fields") else tuple(items)
+    if type(value) is dict:
+        return {k: map_tensors(function, v) for k, v in value.items()}
+    return value
+
+
+class _Tap(torch.autograd.Function):
+    """Identity on a result the student returned; when a test backpropagates through it, records the
+    gradient arriving there and what it contributes to each input (``torch.autograd.grad`` on the
+    student's own graph, kept for the test's pass)."""
+
+    @staticmethod
+    def forward(ctx, output, inputs, passes):
+        ctx.output, ctx.inputs, ctx.passes = output, inputs, passes
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        with _unseen():
+            contributions = [None] * len(ctx.inputs)
+            if ctx.inputs:
+                contributions = torch.autograd.grad(ctx.output, ctx.inputs, grad, retain_graph=True,
+                                                    allow_unused=True)
+            ctx.passes.append({"grad": grad.detach().clone(),
+                               "inputs": [None if c is None else c.detach().clone() for c in contributions]})
+        return grad, None, None
+
+
+class _Replayed(torch.autograd.Function):
+    """In the judge: the recorded results, whose backward checks the gradients arriving against the
+    record and hands each input what the student's graph gave it."""
+
+    @staticmethod
+    def forward(ctx, values, passes, *inputs):
+        ctx.passes, ctx.used, ctx.count = passes, [0] * len(values), len(inputs)
+        ctx.set_materialize_grads(False)
+        return tuple(v.detach().clone() for v in values)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        total = [None] * ctx.count
+        for index, grad in enumerate(grads):
+            if grad is None:
+                continue
+            recorded = ctx.passes[index]
+            if ctx.used[index] >= len(recorded):
+                raise Mismatch("a backward pass the recorded run did not make")
+            step = recorded[ctx.used[index]]
+            ctx.used[index] += 1
+            if not same(grad.detach(), step["grad"]) or len(step["inputs"]) != ctx.count:
+                raise Mismatch("another gradient than in the recorded run")
+            for j, contribution in enumerate(step["inputs"]):
+                if contribution is not None:
+                    total[j] = contribution if total[j] is None else total[j] + contribution
+        return (None, None, *total)
+
+
+def _checked_passes(value, outputs: int) -> list:
+    """The recorded backward passes of a call (untrusted data): one list per tapped output."""
+    if type(value) is not list or len(value) != outputs:
+        raise Mismatch("the recorded gradients do not match the results")
+    for passes in value:
+        if type(passes) is not list or any(
+                type(p) is not dict or type(p.get("grad")) is not torch.Tensor or type(p.get("inputs")) is not list
+                or any(c is not None and type(c) is not torch.Tensor for c in p["inputs"]) for p in passes):
+            raise Mismatch("the recorded gradients are malformed")
+    return value
+
+
+class Recorder:
+    """In the verifier: wraps the student's functions so that each call a test makes (not the
+    student's own calls between them) is recorded, with its results passed through ``plain``."""
+
+    def __init__(self, plain):
+        self.plain, self.calls, self.depth = plain, [], 0
+
+    def wrap(self, function, name: str):
+        recorder = self
+
+        def recorded(*args, **kwargs):
+            if recorder.depth:
+                return function(*args, **kwargs)
+            entry = {"name": name}
+            recorder.calls.append(entry)
+            callbacks = entry["callbacks"] = []
+
+            def watched(slot, callback):
+                """A function of the test the student's code may call back: each call is recorded."""
+                def called(*a, **k):
+                    step = {"slot": slot}
+                    callbacks.append(step)
+                    with _unseen():
+                        try:
+                            step["args"] = encode((list(a), k))
+                        except Opaque as error:
+                            entry.setdefault("opaque", f"a callback argument of type {error}")
+                    try:
+                        value = callback(*a, **k)
+                    except BaseException as error:
+                        step["raised"] = type(error).__name__
+                        raise
+                    with _unseen():
+                        try:
+                            step["result"] = encode(value)
+                        except Opaque as error:
+                            entry.setdefault("opaque", f"a callback result of type {error}")
+                    return value
+                return called
+
+            with _unseen():
+                versions = versions_of((args, kwargs))
+                try:
+                    entry["args"] = encode(_with_callbacks(args, kwargs, lambda slot, f: Callback(slot)), brief=True)
+                except Opaque as error:
+                    entry["opaque"] = f"an argument of type {error}"
+                before = global_state()
+            given_args, given_kwargs = _with_callbacks(args, kwargs, watched)
+            recorder.depth += 1
+            try:
+                result = recorder.plain(function(*given_args, **given_kwargs), f"the value returned by {name}")
+            except BaseException as error:
+                entry["raised"] = type(error).__name__
+                raise
+            finally:
+                recorder.depth -= 1
+                with _unseen():
+                    changes = state_changes(before, global_state())
+                    if changes:  # the judge must draw the same random numbers next
+                        entry["state"] = encode(changes)
+            with _unseen():
+                try:
+                    entry["after"] = encode(_with_callbacks(args, kwargs, lambda slot, f: Callback(slot)),
+                                            versions=versions)
+                    entry["result"] = _argument_of(result, args, kwargs) or encode(result)
+                except Opaque as error:
+                    if "opaque" not in entry:
+                        entry["opaque"], entry["undecidable"] = f"a value of type {error}", True
+                # Results attached to the autograd graph are tapped: the judge must hand the test's
+                # inputs the gradients the student's graph gave them.
+                if torch.is_grad_enabled() and "opaque" not in entry:
+                    inputs, tapped, positions = grad_leaves((args, kwargs)), [], []
+
+                    def tap(tensor):
+                        positions.append(tensor.grad_fn is not None)
+                        if tensor.grad_fn is None:
+                            return tensor
+                        tapped.append([])
+                        return _Tap.apply(tensor, inputs, tapped[-1])
+
+                    result = map_tensors(tap, result)
+                    if tapped:
+                        entry["tapped"], entry["passes"] = positions, tapped
+            return result
+
+        for attribute in ("__name__", "__qualname__", "__doc__"):
+            setattr(recorded, attribute, getattr(function, attribute, None))
+        return recorded
+
+
+class Replay:
+    """In the judge: stands for the student's functions, answering each call from the record."""
+
+    def __init__(self, calls):
+        self.calls, self.next = calls, 0
+
+    def stub(self, name: str):
+        replay = self
+
+        def replayed(*args, **kwargs):
+            if replay.next >= len(replay.calls):
+                raise Mismatch(f"{name} was called more often than in the recorded run")
+            entry = replay.calls[replay.next]
+            replay.next += 1
+            if entry.get("name") != name:
+                raise Mismatch(f"{name} was called where the recorded run called {entry.get('name')}")
+            if "opaque" in entry:
+                if entry.get("undecidable") is True:
+                    raise Undecidable(f"{name} returned {entry['opaque']}")
+                raise Mismatch(f"the call of {name} involved {entry['opaque']}")
+            if not same(encode(_with_callbacks(args, kwargs, lambda slot, f: Callback(slot)), brief=True), entry["args"]):
+                raise Mismatch(f"{name} was called with other arguments than in the recorded run")
+            replay.call_back(entry.get("callbacks"), args, kwargs)
+            if "state" in entry:
+                set_global_state(entry["state"])
+            if "raised" in entry:
+                raise ERRORS.get(entry["raised"], RuntimeError)()
+            if "result" not in entry:
+                raise Mismatch(f"the recorded call of {name} has no result")
+            _write_back(_with_callbacks(args, kwargs, lambda slot, f: Callback(slot)), entry["after"])
+            result = _argument(entry["result"], args, kwargs)
+            if "tapped" in entry:
+                result = replay.attach(result, entry, grad_leaves((args, kwargs)))
+            return result
+
+        replayed.__name__ = replayed.__qualname__ = name
+        return replayed
+
+    @staticmethod
+    def call_back(steps, args, kwargs) -> None:
+        """Make the calls the student's code made to the test's functions, with the recorded
+        arguments, in order; each must answer what the student's code was told."""
+        if type(steps) is not list:
+            raise Mismatch("the recorded callbacks are malformed")
+        for step in steps:
+            if type(step) is not dict or type(step.get("slot")) is not tuple or len(step["slot"]) != 2:
+                raise Mismatch("the recorded callbacks are malformed")
+            kind, key = step["slot"]
+            if kind == "arg" and type(key) is int and 0 <= key < len(args):
+                callback = args[key]
+            elif kind == "kw" and type(key) is str and key in kwargs:
+                callback = kwargs[key]
+            else:
+                raise Mismatch("a callback the test did not pass")
+            if not _is_callback(callback):
+                raise Mismatch("a callback the test did not pass")
+            a, k = decode(step.get("args"))
+            if type(a) is not list or type(k) is not dict or any(type(name) is not str for name in k):
+                raise Mismatch("the recorded callbacks are malformed")
+            try:
+                value = callback(*a, **k)
+            except Mismatch:
+                raise
+            except BaseException as error:
+                if step.get("raised") != type(error).__name__:
+                    raise Mismatch("a callback raised where the recorded run's did not") from None
+                continue
+            if "raised" in step or not same(encode(value), step.get("result")):
+                raise Mismatch("a callback answered otherwise than in the recorded run")
+
+    @staticmethod
+    def attach(result, entry, inputs):
+        """The recorded results joined to the judge's graph (see ``_Replayed``)."""
+        positions = entry["tapped"]
+        flat = []
+        map_tensors(flat.append, result)
+        if type(positions) is not list or len(positions) != len(flat) or any(type(p) is not bool for p in positions):
+            raise Mismatch("the recorded gradients do not match the results")
+        values = [t for t, tapped in zip(flat, positions) if tapped]
+        passes = _checked_passes(entry.get("passes"), len(values))
+        attached = iter(_Replayed.apply(values, passes, *inputs))
+        counter = iter(positions)
+        return map_tensors(lambda t: next(attached) if next(counter) else t, result)
+
+    def finished(self) -> bool:
+        return self.next == len(self.calls)
+
+
+def _is_callback(value) -> bool:
+    import functools
+    import types
+    return isinstance(value, (types.FunctionType, types.MethodType, types.BuiltinFunctionType, functools.partial))
+
+
+def _with_callbacks(args, kwargs, replace):
+    """(args as a list, kwargs) with each function passed at the top level replaced by
+    ``replace(slot, function)``, where ``slot`` is ``("arg", index)`` or ``("kw", name)``."""
+    args = [replace(("arg", i), a) if _is_callback(a) else a for i, a in enumerate(args)]
+    kwargs = {k: replace(("kw", k), v) if _is_callback(v) else v for k, v in kwargs.items()}
+    return args, kwargs
+
+
+def _argument_of(result, args, kwargs):
+    """``("argument", slot)`` when the student's function returned one of its arguments itself (a
+    model it changed in place): the judge returns its own object."""
+    if isinstance(result, (bool, int, float, str, type(None))):
+        return None
+    for index, value in enumerate(args):
+        if value is result:
+            return ("argument", ["arg", index])
+    for key, value in kwargs.items():
+        if value is result:
+            return ("argument", ["kw", key])
+    return None
+
+
+def _argument(tree, args, kwargs):
+    """The recorded result: the judge's own argument where the student returned an argument."""
+    if type(tree) is tuple and tree[:1] == ("argument",):
+        if len(tree) == 2 and type(tree[1]) is list and len(tree[1]) == 2:
+            kind, key = tree[1]
+            if kind == "arg" and type(key) is int and 0 <= key < len(args):
+                return args[key]
+            if kind == "kw" and type(key) is str and key in kwargs:
+                return kwargs[key]
+        raise Mismatch("the recorded result names an argument the test did not pass")
+    return decode(tree)
+
+
+def _write_back(given, tree) -> None:
+    """What the student's function did in place to the tensors (and modules' weights) it was
+    given, done to the judge's: ``tree`` is the recorded encoding of ``given`` after the call."""
+    tag = tree[0] if type(tree) is tuple and tree else None
+    if tag == "unchanged":
+        return
+    if isinstance(given, torch.nn.Module):
+        if tag != "module" or len(tree) != 4:
+            raise Mismatch("a module argument was not recorded as one")
+        _write_back(module_tensors(given), tree[3])
+    elif tag == "stateful" and len(tree) == 4 and callable(getattr(given, "load_state_dict", None)):
+        given.load_state_dict(decode(tree[3]))
+    elif tag == "object" and len(tree) == 4 and type(tree[3]) is list and isinstance(getattr(given, "__dict__", None), dict):
+        for pair in tree[3]:
+            if type(pair) is not tuple or len(pair) != 2 or type(pair[0]) is not str:
+                raise Mismatch("an argument was recorded malformed")
+            key, item_tree = pair
+            if key in vars(given) and not _replaceable(vars(given)[key], item_tree):
+                _write_back(vars(given)[key], item_tree)
+            elif not same(_encode_or_none(vars(given).get(key)), item_tree):
+                setattr(given, key, decode(item_tree))
+    elif isinstance(given, torch.Generator):
+        if tag != "generator" or len(tree) != 2 or type(tree[1]) is not torch.Tensor:
+            raise Mismatch("a generator argument was not recorded as one")
+        given.set_state(tree[1])
+    elif isinstance(given, torch.Tensor):
+        if tag != "tensor" or len(tree) != 4:
+            raise Mismatch("an argument changed type in place")
+        after, grad = tree[1], tree[3]
+        if type(after) is not torch.Tensor or after.shape != given.shape or after.dtype != given.dtype:
+            raise Mismatch("an argument changed shape or type in place")
+        if not torch.equal(after, given.detach()):
+            with torch.no_grad():
+                given.copy_(after)
+        if given.is_leaf and given.requires_grad:
+            if grad is None:
+                given.grad = None
+            elif type(grad) is torch.Tensor and grad.shape == given.shape and \
+                    (given.grad is None or not torch.equal(grad, given.grad)):
+                given.grad = grad.clone()
+    elif isinstance(given, (list, tuple)) and tag in ("list", "tuple") and len(given) == len(tree[1]):
+        for index, (item, item_tree) in enumerate(zip(given, tree[1])):
+            if _replaceable(item, item_tree):
+                if same(_encode_or_none(item), item_tree):
+                    continue
+                if not isinstance(given, list):
+                    raise Mismatch("an item of a tuple changed")
+                given[index] = decode(item_tree)  # an item replaced (or a number changed) in a list
+            else:
+                _write_back(item, item_tree)
+    elif isinstance(given, list) and tag == "list":  # items appended or removed in place
+        given[:] = [given[i] if type(t) is tuple and t[:1] == ("unchanged",) and i < len(given) else decode(t)
+                    for i, t in enumerate(tree[1])]
+    elif isinstance(given, dict) and tag == "dict":
+        for key_tree, value_tree in tree[1]:
+            key = decode(key_tree)
+            if key in given and not _replaceable(given[key], value_tree):
+                _write_back(given[key], value_tree)
+            else:
+                given[key] = decode(value_tree)
+
+
+def _replaceable(item, tree) -> bool:
+    """Whether the recorded ``tree`` is not ``item`` changed in place but another value put in its
+    place (a number in a list, a tensor of another shape in a dict)."""
+    tag = tree[0] if type(tree) is tuple and tree else None
+    if tag in ("unchanged", "callback"):
+        return False
+    if isinstance(item, torch.Tensor):
+        return tag != "tensor" or type(tree[1]) is not torch.Tensor or tree[1].shape != item.shape \
+            or tree[1].dtype != item.dtype
+    if isinstance(item, (list, dict, torch.nn.Module, torch.Generator)) or tag in ("stateful", "object", "module"):
+        return False
+    if isinstance(item, tuple) and tag in ("list", "tuple") and len(tree[1]) == len(item):
+        return False  # its items were written back (a tuple of tensors changed in place)
+    return True  # immutable: only replaced
+
+
+def _encode_or_none(value):
+    try:
+        return encode(value)
+    except Opaque:
+        return None
