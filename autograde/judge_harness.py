@@ -101,11 +101,12 @@ def _main():
         return outcome, reason
 
     def decide(cell):
+        signal.alarm(timeout)  # reading a (forged) record is bounded too
         try:
             namespace, replayed = prepare(cell["record"])
         except BaseException as error:
+            signal.alarm(0)
             return "fail", "the judge: the record of the calls could not be read", error
-        signal.alarm(timeout)
         try:
             exec(compile(cell["visible"], f"<test {cell['id']}>", "exec"), namespace)
             if cell.get("hidden"):

@@ -189,7 +189,10 @@ def test_the_replayable_list_names_real_test_cells():
 
     from autograde import judge
 
-    for key, cells in json.loads(judge.REPLAYABLE.read_text()).items():
+    listed = json.loads(judge.REPLAYABLE.read_text())
+    notebooks = {f"{path.parent.name}/{path.stem}" for path in layout.SOURCE.glob("*/*.ipynb")}
+    assert set(listed) == notebooks, "run `python -m autograde.judge --write` for a new or renamed notebook"
+    for key, cells in listed.items():
         phase, name = key.split("/")
         nb = nbformat.read(layout.SOURCE / phase / f"{name}.ipynb", as_version=4)
         tests = {c.metadata["nbgrader"]["grade_id"] for c in nb.cells
