@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from utils.transcript import (Callback, Opaque, decode, encode, global_state, same, set_global_state,
-                              state_changes, versions_of, module_tensors)
+from utils.transcript import (Callback, Opaque, decode, encode, global_state, module_tensors, same,
+                              set_global_state, state_changes, tensors_in, versions_of)
 
 # Errors a replayed call may raise again in the judge (a test may expect the student's function to
 # raise one); any other recorded error becomes a RuntimeError.
@@ -51,23 +51,7 @@ def _unseen():
 def grad_leaves(value) -> list:
     """The tensors requiring a gradient in a call's arguments (a module's parameters included), in
     an order both sides compute alike."""
-    found = []
-
-    def visit(item):
-        if isinstance(item, torch.Tensor):
-            if item.requires_grad:
-                found.append(item)
-        elif isinstance(item, torch.nn.Module):
-            found.extend(p for p in item.parameters() if p.requires_grad)
-        elif type(item) in (list, tuple) or isinstance(item, tuple):
-            for x in item:
-                visit(x)
-        elif type(item) is dict:
-            for x in item.values():
-                visit(x)
-
-    visit(value)
-    return found
+    return [tensor for tensor in tensors_in(value) if tensor.requires_grad]
 
 
 def map_tensors(function, value):

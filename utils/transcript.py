@@ -133,26 +133,28 @@ def _unchanged(tensor, versions: dict) -> bool:
     return seen[2] is grad and (grad is None or seen[3] == grad._version)
 
 
+def tensors_in(value):
+    """The tensors in ``value`` (lists, tuples, dicts, a module's parameters and buffers), in an
+    order the verifier and the judge compute alike."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, torch.nn.Module):
+        yield from module_tensors(value).values()
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from tensors_in(item)
+    elif type(value) is dict:
+        for item in value.values():
+            yield from tensors_in(item)
+
+
 def versions_of(value) -> dict:
     """The in-place version counters (and gradients) of the tensors in ``value``: what ``encode(...,
     versions=)`` needs to tell an argument the call left alone."""
     found = {}
-
-    def visit(item):
-        if isinstance(item, torch.Tensor):
-            grad = item.grad if item.is_leaf else None
-            found[id(item)] = (item, item._version, grad, None if grad is None else grad._version)
-        elif isinstance(item, torch.nn.Module):
-            for tensor in module_tensors(item).values():
-                visit(tensor)
-        elif isinstance(item, (list, tuple)):
-            for x in item:
-                visit(x)
-        elif type(item) is dict:
-            for x in item.values():
-                visit(x)
-
-    visit(value)
+    for tensor in tensors_in(value):
+        grad = tensor.grad if tensor.is_leaf else None
+        found[id(tensor)] = (tensor, tensor._version, grad, None if grad is None else grad._version)
     return found
 
 
