@@ -126,6 +126,10 @@ def _finish(started, timeout: float) -> Verdicts:
 
     try:
         _collect(process, nonce, timeout, verdicts, order, passed)
+    except BaseException:
+        if judging is not None:
+            judging.close()
+        raise
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     for gid in (g for g in order if g is not None):
