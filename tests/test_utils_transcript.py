@@ -118,6 +118,11 @@ def test_a_replay_refuses_other_calls_than_recorded():
             call(replay.Replay(recorder.calls).stub("student"))
     with pytest.raises(replay.Mismatch):
         replay.Replay(recorder.calls).stub("other")(torch.ones(2))
+    # Calls in another order (a test iterating over a set of strings) are matched by their arguments.
+    words = recorder.wrap(lambda word: word.upper(), "words")
+    assert [words(w) for w in ("b", "a")] == ["B", "A"]
+    replayed = replay.Replay([c for c in recorder.calls if c["name"] == "words"])
+    assert [replayed.stub("words")(w) for w in ("a", "b")] == ["A", "B"] and replayed.finished()
     # A gradient other than the one the recorded run sent back.
     g = recorder.wrap(lambda x: (x * 3).sum(), "loss")
     x = torch.ones(2, requires_grad=True)
