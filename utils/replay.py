@@ -231,7 +231,10 @@ class Replay:
         """The first unused recorded call of ``name`` with these arguments. Usually the next one; a
         later one when the test's calls came in another order (it iterated over a set of strings,
         whose order differs between processes)."""
-        shown = encode(_with_callbacks(args, kwargs, lambda slot, f: Callback(slot)), brief=True)
+        try:
+            shown = encode(_with_callbacks(args, kwargs, lambda slot, f: Callback(slot)), brief=True)
+        except Opaque as error:
+            raise Mismatch(f"{name} was called with an argument of type {error}") from None
         for index, entry in enumerate(self.calls):
             if self.used[index] or entry.get("name") != name:
                 continue
