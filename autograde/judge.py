@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import selectors
+import shutil
 import subprocess
 import sys
 import time
@@ -95,7 +96,6 @@ class Judge:
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait()
-        import shutil
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
