@@ -10,12 +10,13 @@ checks run on the judge's side, against exact tensors and built-in values. Such 
 if the judge passes it too; one it cannot decide (the student's code handed it something that is
 not data) keeps the verifier's verdict and is flagged for a person.
 
-Which test cells are replayed is listed in ``replayable.json``: those whose test drives the
-student's work through functions and plain values, measured on the reference solutions
-(``python -m autograde.judge --write`` rewrites the list; the per-phase grading test requires the
-reference to be judged on each). A cell that drives an instance of the student's class, files,
-``torch.distributed`` ranks or a check of *how* inside the test is decided in the verifier's
-process only.
+Objects of the student's classes cross by handle and are stood in for in the judge
+(``utils/handles.py``); ranks a test launches record and replay their own calls
+(``utils/distributed.py``). Which test cells are replayed is listed in ``replayable.json``,
+measured on the reference solutions (``python -m autograde.judge --write`` rewrites the list; the
+per-phase grading test requires the reference to be judged on each). A cell that checks *how*
+inside the test (hooks, communication logs, dispatch modes), reads files or runs student code
+outside the calls it makes is decided in the verifier's process only.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 For each test cell the verifier passed and recorded (``utils/replay.py``), it runs the test
 again: the set-up cell and the test are the instructor's, the names the test reads from the
-student's cells are the recorded values, and each student function is a replay of the calls the
-test made to it in the verifier's process. The references the test computes and the comparisons it
+student's cells are the recorded values, each student function is a replay of the calls the
+test made to it in the verifier's process, and each object of a student's class is a stand-in
+whose methods replay the same way (``utils/handles.py``). The references the test computes and the comparisons it
 makes are the judge's own, on exact tensors and built-in values, so a wrong value passes here only
 if the test itself would accept it. A test whose calls differ from the record (other arguments, a
 missing or extra call) fails.
@@ -82,6 +83,8 @@ def _main():
                 raise ValueError("not a record")
             if item[0] == "function":
                 namespace[name] = replayed.stub(name)
+            elif item[0] == "class" and len(item) == 4:
+                namespace[name] = replayed.handles.stand_in_class(*item[1:])
             elif item[0] == "data" and len(item) == 2:
                 try:
                     namespace[name] = transcript.decode(item[1])
@@ -90,6 +93,8 @@ def _main():
             else:
                 namespace[name] = Unavailable(name)
         transcript.set_global_state(record["state"])
+        transcript.HANDLES = replayed.handles  # the student's objects: stand-ins (utils/handles.py)
+        replay.ACTIVE = replayed  # ranks a test launches replay their own calls (utils/distributed.py)
         return namespace, replayed
 
     def judge(cell):
@@ -97,7 +102,7 @@ def _main():
         outcome, reason, error = decide(cell)
         if explain and error is not None:
             import traceback
-            reason += " | " + "".join(traceback.format_exception(error)[-3:]).replace("\n", " ")
+            reason += " | " + "".join(traceback.format_exception(error)[-2:]).replace("\n", " ")
         return outcome, reason
 
     def decide(cell):
@@ -113,19 +118,21 @@ def _main():
                 exec(compile(cell["hidden"], f"<test {cell['id']} hidden>", "exec"), namespace)
             if not replayed.finished():
                 raise replay.Mismatch("calls left over")
-        except replay.Undecidable as error:
-            return "undecided", "the judge could not replay this test: the student's code gave it a value that is not plain data", error
-        except replay.Mismatch as error:
-            return "fail", "the judge: the test's calls differ from the recorded run", error
-        except CellTimeout as error:
-            return "fail", f"the judge: the replayed test ran longer than {timeout} s", error
-        except AssertionError as error:
-            return "fail", "the judge: a check failed on the recorded values", error
         except BaseException as error:
+            # A rank that could not replay (utils/distributed.py) reports its error by type name.
+            if isinstance(error, replay.Undecidable) or getattr(error, "exception_type", None) == "Undecidable":
+                return "undecided", "the judge could not replay this test: the student's code gave it a value that is not plain data", error
+            if isinstance(error, replay.Mismatch) or getattr(error, "exception_type", None) == "Mismatch":
+                return "fail", "the judge: the test's calls differ from the recorded run", error
+            if isinstance(error, CellTimeout):
+                return "fail", f"the judge: the replayed test ran longer than {timeout} s", error
+            if isinstance(error, AssertionError):
+                return "fail", "the judge: a check failed on the recorded values", error
             known = type(error).__name__ if type(error) in replay.ERRORS.values() else "an error"
             return "fail", f"the judge: the replayed test raised {known}", error
         finally:
             signal.alarm(0)
+            transcript.HANDLES = replay.ACTIVE = None
         return "pass", "", None
 
     for line in sys.stdin:

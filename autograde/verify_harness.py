@@ -237,16 +237,49 @@ def _main(watch):
     _as_python = TransformerManager().transform_cell
     _FunctionType = types.FunctionType
 
+    def student_code(function):
+        """A function compiled from the student's cells: in memory (a cell, or the body of a cell
+        magic such as ``%%time``, which IPython compiles as "<timed exec>"), in the notebook's
+        module, and neither the set-up cell's nor a test's."""
+        where = function.__code__.co_filename
+        return function.__module__ == "__main__" and where.startswith("<") \
+            and not where.startswith(("<test", "<setup>"))
+
+    def student_function(value):
+        """A function from the student's cells, also under a decorator (``@torch.no_grad()``)."""
+        for _ in range(4):
+            if not _isinstance(value, _FunctionType):
+                return False
+            if student_code(value):
+                return True
+            value = value.__dict__.get("__wrapped__")
+        return False
+
     def student_functions():
-        return {name: value for name, value in ns.items()
-                if _isinstance(value, _FunctionType) and value.__code__.co_filename.startswith("<student")}
+        return {name: value for name, value in ns.items() if student_function(value)}
+
+    def student_class(cls):
+        """A class with code from the student's cells (its objects cross to the judge by handle)."""
+        try:
+            return type.__getattribute__(cls, "__module__") == "__main__" and any(
+                _isinstance(value, _FunctionType) and student_code(value)
+                for base in type.__getattribute__(cls, "__mro__") for value in vars(base).values())
+        except _BaseException:
+            return False
+
+    def student_classes():
+        return {name: value for name, value in ns.items() if _isinstance(value, type) and student_class(value)}
 
     def hidden_namespace(recorder):
         """A copy of the notebook's namespace for one cell's hidden tests: what they define stays
-        there, and the student's functions hand back plain values (recorded for the judge)."""
+        there, and the student's functions hand back plain values (recorded for the judge, with
+        the student's classes, whose objects and methods are then recorded by handle)."""
         copy = dict(ns)
         for name, value in student_functions().items():
             copy[name] = recorder.wrap(value, name) if recorder else plain_results(value)
+        if recorder is not None and recorder.handles is not None:
+            for name, value in student_classes().items():
+                copy[name] = recorder.handles.recording_class(value)
         return copy
 
     setup_values = dict(ns)
@@ -259,7 +292,7 @@ def _main(watch):
                 names |= global_names(const)
         return names
 
-    def start_record(cell):
+    def start_record(cell, recorder):
         """What the judge needs besides the test's code: the random state, and the values of the
         names the test reads that the set-up cell did not bind (the student's functions are
         replayed from the calls recorded while the test runs)."""
@@ -273,8 +306,13 @@ def _main(watch):
                 if name not in ns or name in names:
                     continue
                 value = ns[name]
-                if _isinstance(value, _FunctionType) and value.__code__.co_filename.startswith("<student"):
+                if student_function(value):
                     names[name] = ("function",)
+                elif _isinstance(value, type) and student_class(value):
+                    try:
+                        names[name] = ("class", *recorder.handles.describe(value))
+                    except transcript.Opaque as error:
+                        names[name] = ("opaque", str(error))
                 elif name in setup_values and setup_values[name] is value:
                     continue
                 else:
@@ -385,7 +423,9 @@ def _main(watch):
             continue
         recorder = record = None
         if transcript is not None and cell["id"] in job.get("record", ()):
-            recorder, record = replay.Recorder(plain), bounded(timeout, start_record, cell)[0]
+            recorder = replay.Recorder(plain, student_class)
+            record = bounded(timeout, start_record, cell, recorder)[0]
+            transcript.HANDLES, replay.ACTIVE = recorder.handles, recorder
         if recorder is None:
             error = run(cell["visible"], f"<test {cell['id']}>", ns)
         else:
@@ -393,7 +433,7 @@ def _main(watch):
             # namespace (the student's own code keeps calling them directly, unrecorded); what it
             # defines is then kept in the notebook's namespace, as in nbgrader.
             visible_ns = hidden_namespace(recorder)
-            wrappers = {name: visible_ns[name] for name in student_functions()}
+            wrappers = {name: visible_ns[name] for name in (*student_functions(), *student_classes())}
             error = run(cell["visible"], f"<test {cell['id']}>", visible_ns)
             for name, value in visible_ns.items():
                 if wrappers.get(name) is not value:
@@ -401,6 +441,8 @@ def _main(watch):
         test_ns = hidden_namespace(recorder)
         if error is None and cell.get("hidden"):
             error = run(cell["hidden"], f"<test {cell['id']} hidden>", test_ns)
+        if transcript is not None:
+            transcript.HANDLES = replay.ACTIVE = None
         voided = voided or tampering(test_ns)
         if voided:
             say("test", cell["id"], "fail", voided)

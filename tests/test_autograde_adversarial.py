@@ -273,6 +273,12 @@ for _name in ("allclose", "equal"):
 """
 
 
+# Multi-head attention without its output projection: a class whose objects the judge stands in for.
+WRONG_EX4 = SOURCE.solution_source("ex4").replace('return self.out_proj(rearrange(heads, "b h t d -> b t (h d)"))',
+                                                  'return rearrange(heads, "b h t d -> b t (h d)")')
+assert WRONG_EX4 != SOURCE.solution_source("ex4"), "update WRONG_EX4 to the new solution"
+
+
 def attacks(root):
     full, lose1 = TOTAL, TOTAL - points("ex1")
     cases = {
@@ -317,7 +323,8 @@ def attacks(root):
         "frames_without_getframe": (with_ex1(FRAMES_WITHOUT_GETFRAME), lose1, True, False),
         "reads_grader_memory": (with_ex1(READS_GRADER_MEMORY.format(gids=[g for e in SOURCE.exercises() for g in SOURCE.tests_of(e)])),
                                 lose1, True, False),
-        "raw_memory": (submission(replace={"ex2": MISSING_SCALE + RAW_MEMORY}), full - points("ex2"), True, False),
+        "raw_memory": (submission(replace={"ex2": MISSING_SCALE + RAW_MEMORY, "ex4": WRONG_EX4}),
+                       full - points("ex2") - points("ex4"), True, False),
         "lying_tensors": (submission(replace={"ex1": WRONG_EX1 + LYING_TENSORS}), lose1, True, False),
         "borrows_reference": (submission(replace={"ex1": WRONG_EX1 + BORROWS_REFERENCE}), lose1, True, False),
         "escapes_dispatch": (submission(replace={"ex2": SOURCE.solution_source("ex2") + ESCAPES_DISPATCH}),
@@ -463,11 +470,15 @@ def test_forged_verdicts_and_borrowed_references_are_overridden(batch):
 
 
 def test_raw_memory_fools_both_graders_processes_but_not_the_judge(batch):
-    """nbgrader scored the wrong ex2 as right (its kernel's torch.allclose says "yes"); the verifier's
-    process was fooled the same way; the judge, replaying the recorded values, lowered the score."""
+    """nbgrader scored the wrong ex2 (a function) and ex4 (a class: the judge drives a stand-in for
+    its objects) as right, since its kernel's torch.allclose says "yes"; the verifier's process was
+    fooled the same way; the judge, replaying the recorded values, lowered the score."""
     root, *_ = batch
-    judged = {o["cell"] for o in record(root, "raw_memory")["overrides"] if o["reason"].startswith("the judge")}
-    assert judged == set(SOURCE.tests_of("ex2")), record(root, "raw_memory")
+    overrides = record(root, "raw_memory")["overrides"]
+    judged = {o["cell"] for o in overrides if o["reason"].startswith("the judge")}
+    # The tests whose checks the forged torch.allclose decides (all of ex2's, ex4's mask test) are
+    # lowered by the judge: the verifier was fooled there (test_no_attack_gains_a_point: no point kept).
+    assert judged >= set(SOURCE.tests_of("ex2")) and judged & set(SOURCE.tests_of("ex4")), overrides
 
 
 def test_feedback_is_written_for_every_graded_submission(batch):

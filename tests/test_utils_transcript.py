@@ -174,3 +174,78 @@ def test_a_result_that_is_not_data_leaves_the_test_undecided():
     assert list(recorder.wrap(lambda n: (i * i for i in range(n)), "squares")(3)) == [0, 1, 4]
     with pytest.raises(replay.Undecidable):
         replay.Replay(recorder.calls).stub("squares")(3)
+
+
+def test_an_iterator_is_read_once_recorded_and_handed_over_again():
+    """A test may pass ``model.parameters()`` (read only once): the judge reads its own the same way."""
+    def student(params, max_norm):
+        params = list(params)
+        total = torch.sqrt(sum((p.grad ** 2).sum() for p in params))
+        for p in params:
+            p.grad.mul_(min(1.0, max_norm / float(total)))
+        return total
+
+    def test(f):
+        model = torch.nn.Linear(3, 2)
+        model(torch.ones(4, 3)).sum().mul(10).backward()
+        norm = f(model.parameters(), 0.5)
+        return norm, model.weight.grad.clone(), model.bias.grad.clone()
+
+    first, second, finished = record_and_replay(student, test)
+    assert finished and all(torch.allclose(a, b) for a, b in zip(first, second))
+    assert float(second[1].norm() ** 2 + second[2].norm() ** 2) ** 0.5 == pytest.approx(0.5, rel=1e-4)
+
+
+def _rank_sum(total):
+    import torch.distributed as dist
+    t = torch.full((2,), float(dist.get_rank() + 1))
+    return total(t)
+
+
+def test_ranks_record_and_replay_their_own_calls():
+    """A test that launches ranks (utils.distributed): each rank's calls into the student's function
+    are recorded in that rank and replayed there, in the judge's own ranks."""
+    from functools import partial
+
+    from utils import distributed
+
+    def student(t):
+        import torch.distributed as dist
+        dist.all_reduce(t)
+        return t * 2
+
+    recorder = replay.Recorder(plain)
+    replay.ACTIVE = recorder
+    try:
+        first = distributed.launch(partial(_rank_sum, recorder.wrap(student, "total")), 2, timeout=60)
+    finally:
+        replay.ACTIVE = None
+    calls = transcript.from_bytes(transcript.to_bytes({"calls": recorder.calls}))["calls"]
+    assert [c["name"] for c in calls] == ["<launch>"] and len(calls[0]["ranks"]) == 2
+    replayed = replay.Replay(calls)
+    replay.ACTIVE = replayed
+    try:
+        second = distributed.launch(partial(_rank_sum, replayed.stub("total")), 2, timeout=60)
+        assert replayed.finished()
+        with pytest.raises(replay.Mismatch):  # a launch the recorded run did not make
+            distributed.launch(partial(_rank_sum, replayed.stub("total")), 2, timeout=60)
+    finally:
+        replay.ACTIVE = None
+    assert all(torch.equal(a, b) for a, b in zip(first, second)) and torch.equal(second[0], torch.full((2,), 6.0))
+
+
+def test_a_change_through_data_is_recorded_although_no_version_counts_it():
+    """``w.data += d`` leaves the version counter alone; the judge must still get the new values."""
+    def student(w, big):
+        w.data += 1.0
+        big.data[0, 0] = 5.0
+        return None
+
+    def test(f):
+        w, big = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(100, 100))
+        f(w, big)
+        return w.detach().clone(), big.detach().clone()
+
+    first, second, finished = record_and_replay(student, test)
+    assert finished and torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    assert float(second[1][0, 0]) == 5.0

@@ -208,9 +208,14 @@ def _rank_main(config: _RankConfig, fn: Callable, args: tuple, kwargs: dict, res
         dist.init_process_group(config.backend, init_method=config.init_method, rank=config.rank,
                                 world_size=config.world_size,
                                 timeout=datetime.timedelta(seconds=config.timeout + 30), **kwargs_pg)
+        hooks = _grading_hooks()
+        if hooks is not None:
+            hooks.enter_rank(config.rank)
         result = fn(*args, **kwargs)
+        # While autograded: the calls this rank's code made into the student's functions.
+        calls = hooks.leave_rank() if hooks is not None else None
         try:
-            message = ("ok", cloudpickle.dumps(_to_cpu(result)))  # notebook-defined classes too
+            message = ("ok", cloudpickle.dumps(_to_cpu(result)), calls)  # notebook-defined classes too
         except Exception as error:  # noqa: BLE001 - any pickling failure is the same problem
             message = ("error", f"rank {config.rank} returned a value that cannot be sent back to the "
                                 f"notebook ({type(error).__name__}: {error}). Return tensors, numbers, "
@@ -232,6 +237,13 @@ def _rank_main(config: _RankConfig, fn: Callable, args: tuple, kwargs: dict, res
             dist.destroy_process_group()
         except Exception:  # noqa: BLE001 - the result is already sent
             pass
+
+
+def _grading_hooks():
+    """The recorder (in the verifier) or the replay (in the judge) of the test cell being graded,
+    when there is one (``utils/replay.py``): ranks record, or replay, their own calls."""
+    replay = sys.modules.get("utils.replay")
+    return getattr(replay, "ACTIVE", None)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -409,6 +421,9 @@ def launch(fn: Callable, world_size: int, *args, kwargs: dict | None = None, tim
         raise ValueError("NCCL ranks must be spawned: CUDA cannot be used in a forked process")
 
     grading = runtime.is_grading()
+    hooks = _grading_hooks()
+    if hooks is not None:
+        hooks.launching(world_size, start_method)
     store_dir = tempfile.mkdtemp(prefix="course-launch-")
     ranks: list[_Rank] = []
     open_fds: set[int] = set()
@@ -434,7 +449,10 @@ def launch(fn: Callable, world_size: int, *args, kwargs: dict | None = None, tim
             if fd >= 0:
                 os.close(fd)
                 open_fds.discard(fd)
-        return _supervise(ranks, timeout, grading)
+        results = _supervise(ranks, timeout, grading)
+        if hooks is not None:
+            hooks.ranks_done([r.message[2] if len(r.message) > 2 else None for r in ranks])
+        return results
     finally:
         _kill(ranks)
         for rank in ranks:

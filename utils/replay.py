@@ -14,16 +14,25 @@ through a raw pointer) passes a wrong value off as right. Calls that differ from
 
 from __future__ import annotations
 
+import types
+
 import torch
 
-from utils.transcript import (Callback, Opaque, decode, encode, global_state, module_tensors, same,
+from utils import handles as _handles, transcript
+from utils.transcript import (Callback, Iterated, Opaque, decode, encode, global_state, module_tensors, same,
                               set_global_state, state_changes, tensors_in, versions_of)
 
 # Errors a replayed call may raise again in the judge (a test may expect the student's function to
 # raise one); any other recorded error becomes a RuntimeError.
 ERRORS = {cls.__name__: cls for cls in (
     TypeError, ValueError, RuntimeError, IndexError, KeyError, AttributeError, NotImplementedError,
-    ZeroDivisionError, AssertionError, OverflowError, StopIteration, ArithmeticError, LookupError)}
+    ZeroDivisionError, AssertionError, OverflowError, StopIteration, ArithmeticError, LookupError,
+    MemoryError)}
+
+
+# The Recorder (in the verifier) or the Replay (in the judge) of the test cell being graded: the
+# ranks ``utils.distributed.launch`` starts record, or replay, their own calls through it.
+ACTIVE = None
 
 
 class Mismatch(BaseException):
@@ -135,8 +144,10 @@ class Recorder:
     """In the verifier: wraps the student's functions so that each call a test makes (not the
     student's own calls between them) is recorded, with its results passed through ``plain``."""
 
-    def __init__(self, plain):
+    def __init__(self, plain, is_student_class=None):
         self.plain, self.calls, self.depth = plain, [], 0
+        # The student's objects the test meets, by handle (``utils/handles.py``).
+        self.handles = _handles.Recorded(self, is_student_class) if is_student_class else None
 
     def wrap(self, function, name: str):
         recorder = self
@@ -144,6 +155,7 @@ class Recorder:
         def recorded(*args, **kwargs):
             if recorder.depth:
                 return function(*args, **kwargs)
+            args, kwargs = _read_iterators(args, kwargs)
             entry = {"name": name}
             recorder.calls.append(entry)
             callbacks = entry["callbacks"] = []
@@ -178,12 +190,18 @@ class Recorder:
                 except Opaque as error:
                     entry["opaque"] = f"an argument of type {error}"
                 before = global_state()
-            given_args, given_kwargs = _with_callbacks(args, kwargs, watched)
+            given_args, given_kwargs = _iterators_again(*_with_callbacks(args, kwargs, watched))
             recorder.depth += 1
             try:
                 result = recorder.plain(function(*given_args, **given_kwargs), f"the value returned by {name}")
             except BaseException as error:
                 entry["raised"] = type(error).__name__
+                with _unseen(), _handles.given(recorder.handles, args, kwargs):
+                    try:  # what it changed before raising (a cache that took a block, then found none)
+                        entry["after"] = encode(_with_callbacks(args, kwargs, lambda slot, f: Callback(slot)),
+                                                versions=versions)
+                    except Opaque:
+                        pass
                 raise
             finally:
                 recorder.depth -= 1
@@ -191,7 +209,7 @@ class Recorder:
                     changes = state_changes(before, global_state())
                     if changes:  # the judge must draw the same random numbers next
                         entry["state"] = encode(changes)
-            with _unseen():
+            with _unseen(), _handles.given(recorder.handles, args, kwargs):
                 try:
                     entry["after"] = encode(_with_callbacks(args, kwargs, lambda slot, f: Callback(slot)),
                                             versions=versions)
@@ -220,12 +238,34 @@ class Recorder:
             setattr(recorded, attribute, getattr(function, attribute, None))
         return recorded
 
+    # Ranks (``utils.distributed.launch``, forked): each records its own calls, sent back with its result.
+    def launching(self, world_size: int, start_method: str) -> None:
+        self.launch = {"name": "<launch>", "world_size": world_size}
+        if start_method != "fork":  # a spawned rank holds no recorder
+            self.launch["opaque"], self.launch["undecidable"] = "ranks started without the recorder", True
+        self.calls.append(self.launch)
+
+    def enter_rank(self, rank: int) -> None:
+        self.calls = []  # this rank's own, in its copy of the recorder
+
+    def leave_rank(self):
+        with _unseen():
+            return transcript.to_bytes(self.calls)
+
+    def ranks_done(self, calls: list) -> None:
+        if any(type(c) is not str for c in calls):
+            self.launch.setdefault("opaque", "a rank that sent no record")
+            self.launch["undecidable"] = True
+        else:
+            self.launch["ranks"] = calls
+
 
 class Replay:
     """In the judge: stands for the student's functions, answering each call from the record."""
 
     def __init__(self, calls):
         self.calls, self.used = calls, [False] * len(calls)
+        self.handles = _handles.StandIns(self)
 
     def _entry(self, name: str, args, kwargs) -> dict:
         """The first unused recorded call of ``name`` with these arguments. Usually the next one; a
@@ -246,22 +286,30 @@ class Replay:
             if same(shown, entry.get("args")):
                 self.used[index] = True
                 return entry
-        raise Mismatch(f"{name} was called with arguments no recorded call of it had")
+        closest = next((e.get("args") for i, e in enumerate(self.calls) if not self.used[i] and e.get("name") == name), None)
+        raise Mismatch(f"{name} was called with arguments no recorded call of it had "
+                       f"({transcript.difference(shown, closest) if closest is not None else 'none left'})")
 
     def stub(self, name: str):
         replay = self
 
         def replayed(*args, **kwargs):
-            entry = replay._entry(name, args, kwargs)
+            args, kwargs = _read_iterators(args, kwargs)
+            with _unseen():  # the judge's reading of the arguments, as the recorder's: not the student's work
+                entry = replay._entry(name, args, kwargs)
             replay.call_back(entry.get("callbacks"), args, kwargs)
             if "state" in entry:
                 set_global_state(entry["state"])
             if "raised" in entry:
+                if "after" in entry:
+                    with _unseen(), _handles.given(replay.handles, args, kwargs):
+                        _write_back(_with_callbacks(args, kwargs, lambda slot, f: Callback(slot)), entry["after"])
                 raise ERRORS.get(entry["raised"], RuntimeError)()
             if "result" not in entry:
                 raise Mismatch(f"the recorded call of {name} has no result")
-            _write_back(_with_callbacks(args, kwargs, lambda slot, f: Callback(slot)), entry["after"])
-            result = _argument(entry["result"], args, kwargs)
+            with _unseen(), _handles.given(replay.handles, args, kwargs):
+                _write_back(_with_callbacks(args, kwargs, lambda slot, f: Callback(slot)), entry["after"])
+                result = _argument(entry["result"], args, kwargs)
             if "tapped" in entry:
                 result = replay.attach(result, entry, grad_leaves((args, kwargs)))
             return result
@@ -318,11 +366,56 @@ class Replay:
     def finished(self) -> bool:
         return all(self.used)
 
+    # Ranks: each replays the calls its counterpart in the verifier made.
+    def launching(self, world_size: int, start_method: str) -> None:
+        for index, entry in enumerate(self.calls):
+            if not self.used[index] and entry.get("name") == "<launch>":
+                self.used[index] = True
+                if "opaque" in entry:
+                    raise (Undecidable if entry.get("undecidable") is True else Mismatch)("ranks not recorded")
+                ranks = entry.get("ranks")
+                if entry.get("world_size") != world_size or type(ranks) is not list or len(ranks) != world_size \
+                        or any(type(r) is not str for r in ranks):
+                    raise Mismatch("ranks other than the recorded ones")
+                self.ranks = ranks
+                return
+        raise Mismatch("a launch of ranks the recorded run did not make")
+
+    def enter_rank(self, rank: int) -> None:
+        calls = transcript.from_bytes(self.ranks[rank])
+        if type(calls) is not list:
+            raise Mismatch("the recorded calls of a rank are malformed")
+        self.calls = [call for call in calls if type(call) is dict]
+        self.used = [False] * len(self.calls)
+
+    def leave_rank(self):
+        if not self.finished():
+            raise Mismatch("calls left over in a rank")
+        return None
+
+    def ranks_done(self, calls: list) -> None:
+        pass
+
 
 def _is_callback(value) -> bool:
     import functools
     import types
     return isinstance(value, (types.FunctionType, types.MethodType, types.BuiltinFunctionType, functools.partial))
+
+
+# Iterators a test may hand a student function: read into an ``Iterated`` list (recorded, compared
+# and written back like a list), then handed over as a fresh iterator, read once as before.
+_ITERATORS = (type(iter([])), type(iter(())), type(iter(range(0))), types.GeneratorType)
+
+
+def _read_iterators(args, kwargs):
+    return ([Iterated(a) if type(a) in _ITERATORS else a for a in args],
+            {k: Iterated(v) if type(v) in _ITERATORS else v for k, v in kwargs.items()})
+
+
+def _iterators_again(args, kwargs):
+    return ([iter(a) if type(a) is Iterated else a for a in args],
+            {k: iter(v) if type(v) is Iterated else v for k, v in kwargs.items()})
 
 
 def _with_callbacks(args, kwargs, replace):
@@ -366,7 +459,11 @@ def _write_back(given, tree) -> None:
     tag = tree[0] if type(tree) is tuple and tree else None
     if tag == "unchanged":
         return
-    if isinstance(given, torch.nn.Module):
+    if tag == "handle":
+        if not _same_handle(given, tree):
+            raise Mismatch("an object of the student's class was not recorded as itself")
+        _write_back_parts(given, *tree[5:])
+    elif isinstance(given, torch.nn.Module):
         if tag != "module" or len(tree) != 4:
             raise Mismatch("a module argument was not recorded as one")
         _write_back(module_tensors(given), tree[3])
@@ -394,12 +491,18 @@ def _write_back(given, tree) -> None:
         if not torch.equal(after, given.detach()):
             with torch.no_grad():
                 given.copy_(after)
+        if given.is_leaf and type(tree[2]) is bool and tree[2] != given.requires_grad and \
+                (given.is_floating_point() or given.is_complex()):
+            given.requires_grad_(tree[2])  # a weight frozen (or unfrozen) by the call
         if given.is_leaf and given.requires_grad:
             if grad is None:
                 given.grad = None
             elif type(grad) is torch.Tensor and grad.shape == given.shape and \
                     (given.grad is None or not torch.equal(grad, given.grad)):
                 given.grad = grad.clone()
+    elif type(given) is Iterated and tag == "iterated" and type(tree[1]) is list and len(given) == len(tree[1]):
+        for item, item_tree in zip(given, tree[1]):
+            _write_back(item, item_tree)
     elif isinstance(given, (list, tuple)) and tag in ("list", "tuple") and len(given) == len(tree[1]):
         for index, (item, item_tree) in enumerate(zip(given, tree[1])):
             if _replaceable(item, item_tree):
@@ -413,13 +516,81 @@ def _write_back(given, tree) -> None:
     elif isinstance(given, list) and tag == "list":  # items appended or removed in place
         given[:] = [given[i] if type(t) is tuple and t[:1] == ("unchanged",) and i < len(given) else decode(t)
                     for i, t in enumerate(tree[1])]
-    elif isinstance(given, dict) and tag == "dict":
-        for key_tree, value_tree in tree[1]:
+    elif isinstance(given, dict) and tag in ("dict", "odict", "defaultdict"):
+        kept = set()
+        for key_tree, value_tree in tree[-1]:
             key = decode(key_tree)
+            kept.add(key)
             if key in given and not _replaceable(given[key], value_tree):
                 _write_back(given[key], value_tree)
             else:
                 given[key] = decode(value_tree)
+        for key in [key for key in given if key not in kept]:  # entries the call removed
+            del given[key]
+
+
+def _same_handle(given, tree) -> bool:
+    """Whether ``tree`` records the student's object the judge's stand-in ``given`` stands for."""
+    handles = transcript.HANDLES
+    return type(tree) is tuple and len(tree) == 9 and tree[0] == "handle" and handles is not None \
+        and handles.owns(given) and handles.number(given) == tree[1]
+
+
+def _write_back_parts(given, attributes, parameters, buffers, submodules) -> None:
+    """What a call did to an object of the student's class (its attributes, parameters, buffers and
+    submodules, recorded by ``utils/handles.py``), done to the judge's stand-in (or to a torch
+    module inside it)."""
+    _pairs = _handles._pairs
+    recorded = {key for key, _ in _pairs(attributes)}
+    for key in [key for key in vars(given) if key not in recorded and not (
+            isinstance(given, torch.nn.Module) and key in _handles._MODULE_INTERNALS)]:
+        del given.__dict__[key]  # no longer data on the student's side (an optimizer's state by tensor)
+    for key, tree in _pairs(attributes):
+        if type(tree) is tuple and tree[:1] == ("same",):
+            continue  # a tensor shared with a parameter: written back there
+        if type(tree) is tuple and tree[:1] == ("argument",):
+            given.__dict__[key] = transcript.HANDLES.argument(tree)
+            continue
+        current = vars(given).get(key)
+        if key in vars(given) and not _replaceable(current, tree):
+            _write_back(current, tree)
+        elif not same(_encode_or_none(current), tree):
+            given.__dict__[key] = decode(tree)
+    if not isinstance(given, torch.nn.Module):
+        return
+    for table, kind in ((given._parameters, "parameter"), (given._buffers, "buffer")):
+        for key, tree in _pairs(parameters if kind == "parameter" else buffers):
+            if type(tree) is tuple and tree[:1] == ("same",):
+                continue
+            if type(tree) is tuple and tree[:1] == ("argument",):
+                table[key] = transcript.HANDLES.argument(tree)
+                continue
+            current = table.get(key)
+            if current is not None and not _replaceable(current, tree):
+                _write_back(current, tree)
+                continue
+            value = decode(tree)
+            if value is not None and type(value) is not torch.Tensor:
+                raise Mismatch(f"a {kind} recorded as something else than a tensor")
+            if value is not None and kind == "parameter":
+                grad, value = value.grad, torch.nn.Parameter(value.detach(), requires_grad=value.requires_grad)
+                value.grad = grad
+            table[key] = value
+    for key, tree in _pairs(submodules):
+        current = given._modules.get(key)
+        tag = tree[0] if type(tree) is tuple and tree else None
+        if tag == "handle" and current is not None and _same_handle(current, tree):
+            _write_back(current, tree)
+        elif tag == "torchmodule" and len(tree) == 7 and current is not None \
+                and (type(current).__module__, type(current).__qualname__) == tree[1:3]:
+            _write_back_parts(current, *tree[3:])
+        elif tag == "argument" and current is transcript.HANDLES.argument(tree):
+            pass
+        else:
+            try:
+                given._modules[key] = transcript.HANDLES.submodule(tree, {}, key)
+            except (ValueError, AttributeError):
+                raise Mismatch("a submodule recorded malformed") from None
 
 
 def _replaceable(item, tree) -> bool:
@@ -428,9 +599,15 @@ def _replaceable(item, tree) -> bool:
     tag = tree[0] if type(tree) is tuple and tree else None
     if tag in ("unchanged", "callback"):
         return False
+    if tag == "handle":
+        return not _same_handle(item, tree)
+    if tag == "argument":
+        return True  # the judge's own argument, put in its place
     if isinstance(item, torch.Tensor):
         return tag != "tensor" or type(tree[1]) is not torch.Tensor or tree[1].shape != item.shape \
             or tree[1].dtype != item.dtype
+    if isinstance(item, dict) and tag not in ("dict", "odict", "defaultdict"):
+        return True
     if isinstance(item, (list, dict, torch.nn.Module, torch.Generator)) or tag in ("stateful", "object", "module"):
         return False
     if isinstance(item, tuple) and tag in ("list", "tuple") and len(tree[1]) == len(item):

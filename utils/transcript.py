@@ -6,7 +6,8 @@ function; the judge (``autograde/judge_harness.py``), a process that never runs 
 replays the test from that record. Everything crosses as a tree of tuples, built-in values and
 exact tensors (``encode``), written with ``torch.save`` and read back with
 ``torch.load(weights_only=True)``, which builds no other class; ``decode`` then checks every node.
-A value that is none of these (a generator, an object of the student's class) is ``Opaque``.
+An object of the student's class crosses by handle (``utils/handles.py``); a value that is none of
+these (a generator, a lambda) is ``Opaque``.
 The course's own objects (a config, a tokenizer, a module, an optimizer) are recorded by their
 data, to be compared and written back into the judge's own objects, never rebuilt from a record.
 """
@@ -22,11 +23,21 @@ import random
 
 import torch
 
+# The numbering of the student's objects for the test cell being recorded or replayed
+# (``utils/handles.py``): set by the verifier and the judge around each test cell.
+HANDLES = None
+
+
 class Callback:
     """Stands for a function of the test passed to the student's function (in the recorded arguments)."""
 
     def __init__(self, slot):
         self.slot = slot
+
+
+class Iterated(list):
+    """Stands for an iterator the test passed to a student function (a model's ``parameters()``):
+    its items, read before the call; the function is handed a fresh iterator over them."""
 
 
 class Opaque(Exception):
@@ -52,6 +63,10 @@ def encode(value, brief: bool = False, versions: dict | None = None):
     ``brief``: large tensors as a summary (for arguments, which are only compared). ``versions``:
     tensors whose in-place version counter is still the recorded one become ``("unchanged",)``."""
     kind = type(value)
+    if HANDLES is not None and HANDLES.inside:
+        reference = HANDLES.argument_slot(value)  # an object of the student's keeps an argument
+        if reference is not None:
+            return reference
     if kind is torch.Tensor or kind is torch.nn.Parameter:
         grad = value.grad if value.is_leaf else None  # a function may set or clip a leaf's gradient
         if versions is not None and _unchanged(value, versions):
@@ -62,6 +77,8 @@ def encode(value, brief: bool = False, versions: dict | None = None):
                 None if grad is None else grad.detach().clone())
     if kind is Callback:
         return ("callback", list(value.slot))
+    if kind is Iterated:
+        return ("iterated", [encode(item, brief, versions) for item in value])
     if kind is torch.Generator:
         return ("generator", value.get_state())
     if value is None or kind in (bool, int, float, complex, str, bytes):
@@ -71,7 +88,11 @@ def encode(value, brief: bool = False, versions: dict | None = None):
     if kind is tuple:
         return ("tuple", [encode(item, brief, versions) for item in value])
     if kind is dict:
-        return ("dict", [(encode(k), encode(v, brief, versions)) for k, v in value.items()])
+        return ("dict", _items(value, brief, versions))
+    if kind is collections.OrderedDict:  # an optimizer's or a module's registry of hooks
+        return ("odict", _items(value, brief, versions))
+    if kind is collections.defaultdict and value.default_factory in _FACTORIES.values():  # an optimizer's state
+        return ("defaultdict", value.default_factory.__name__, _items(value, brief, versions))
     if isinstance(value, tuple) and isinstance(getattr(kind, "_fields", None), tuple):
         return ("named", kind.__name__, list(kind._fields), [encode(item, brief, versions) for item in value])
     if isinstance(value, torch.dtype):
@@ -82,11 +103,14 @@ def encode(value, brief: bool = False, versions: dict | None = None):
         return ("device", str(value))
     if kind is slice:
         return ("slice", [encode(value.start), encode(value.stop), encode(value.step)])
+    if HANDLES is not None and HANDLES.owns(value):
+        return HANDLES.encode(value, brief, versions)
     if _trusted(kind) and dataclasses.is_dataclass(value):
         return ("dataclass", kind.__module__, kind.__qualname__,
                 [(f.name, encode(getattr(value, f.name), brief, versions)) for f in dataclasses.fields(value)])
-    if isinstance(value, torch.nn.Module) and _trusted(kind):
-        # Compared and written back by its tensors; the judge holds its own object of the same class.
+    if isinstance(value, torch.nn.Module) and (_trusted(kind) or HANDLES is not None):
+        # Compared and written back by its tensors; the judge holds its own object of the same class
+        # (the course's, torch's, or one the test defines: the student's cross by handle, above).
         return ("module", kind.__module__, kind.__qualname__, encode(module_tensors(value), brief, versions))
     if _trusted(kind) and callable(getattr(value, "state_dict", None)) and callable(getattr(value, "load_state_dict", None)):
         # An optimizer or a learning-rate schedule: compared and written back by its state.
@@ -108,6 +132,25 @@ def encode(value, brief: bool = False, versions: dict | None = None):
     raise Opaque(kind.__name__)
 
 
+_FACTORIES = {"dict": dict, "list": list, "int": int, "float": float}
+
+
+def _items(value: dict, brief: bool, versions) -> list:
+    """A dict's (key, value) trees. A tensor key stands for that very tensor (an optimizer's state
+    per parameter): it crosses only as a reference to an argument (``utils/handles.py``), never as
+    a copy, which the judge would hold as another key."""
+    items = []
+    for key, item in value.items():
+        if isinstance(key, torch.Tensor):
+            reference = HANDLES.argument_slot(key) if HANDLES is not None else None
+            if reference is None:
+                raise Opaque("dict with tensor keys")
+            items.append((reference, encode(item, brief, versions)))
+        else:
+            items.append((encode(key), encode(item, brief, versions)))
+    return items
+
+
 def summary(tensor) -> torch.Tensor:
     """A large tensor's fingerprint: its dtype and shape are compared apart; this holds its sum, the
     sum of its absolute values and 256 entries spread over it, in float64."""
@@ -127,10 +170,19 @@ def module_tensors(module) -> dict:
 
 def _unchanged(tensor, versions: dict) -> bool:
     seen = versions.get(id(tensor))
-    if seen is None or seen[0] is not tensor or seen[1] != tensor._version:
+    if seen is None or seen[0] is not tensor or seen[1] != tensor._version or seen[4] != tensor.requires_grad:
         return False
     grad = tensor.grad if tensor.is_leaf else None
-    return seen[2] is grad and (grad is None or seen[3] == grad._version)
+    return seen[2] is grad and (grad is None or seen[3] == grad._version) and same(seen[5], _fingerprint(tensor))
+
+
+def _fingerprint(tensor):
+    """What a tensor holds, to tell a change its version counter does not count (``w.data += d``):
+    the tensor itself when small, else its summary."""
+    with torch.no_grad():
+        if tensor.numel() <= BRIEF_ELEMENTS:
+            return tensor.detach().clone()
+        return summary(tensor)
 
 
 def tensors_in(value):
@@ -154,7 +206,9 @@ def versions_of(value) -> dict:
     found = {}
     for tensor in tensors_in(value):
         grad = tensor.grad if tensor.is_leaf else None
-        found[id(tensor)] = (tensor, tensor._version, grad, None if grad is None else grad._version)
+        found[id(tensor)] = (tensor, tensor._version, grad, None if grad is None else grad._version,
+                             tensor.requires_grad,  # freezing a weight changes no version
+                             _fingerprint(tensor))
     return found
 
 
@@ -174,6 +228,10 @@ def decode(tree):
         if rest[2] is not None and tensor.requires_grad and rest[2].shape == tensor.shape:
             tensor.grad = rest[2]
         return tensor
+    if tag == "handle" and HANDLES is not None and hasattr(HANDLES, "decode"):
+        return HANDLES.decode(tree)
+    if tag == "argument" and HANDLES is not None:
+        return HANDLES.argument(tree)
     if tag == "generator" and len(rest) == 1 and type(rest[0]) is torch.Tensor:
         generator = torch.Generator()
         generator.set_state(rest[0])
@@ -183,9 +241,11 @@ def decode(tree):
     if tag in ("list", "tuple") and len(rest) == 1 and type(rest[0]) is list:
         items = [decode(item) for item in rest[0]]
         return items if tag == "list" else tuple(items)
-    if tag == "dict" and len(rest) == 1 and type(rest[0]) is list:
-        out = {}
-        for pair in rest[0]:
+    if (tag in ("dict", "odict") and len(rest) == 1 and type(rest[0]) is list) or \
+            (tag == "defaultdict" and len(rest) == 2 and rest[0] in _FACTORIES and type(rest[1]) is list):
+        out = {"dict": dict, "odict": collections.OrderedDict}.get(tag) or collections.defaultdict(_FACTORIES[rest[0]])
+        out = out() if isinstance(out, type) else out
+        for pair in rest[-1]:
             if type(pair) is not tuple or len(pair) != 2:
                 raise ValueError("not a recorded dict")
             out[decode(pair[0])] = decode(pair[1])
@@ -253,6 +313,29 @@ def same(a, b) -> bool:
     if type(a) in (tuple, list):
         return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
     return a == b
+
+
+def difference(a, b, path: str = "") -> str:
+    """Where two encoded trees first differ (for a maintainer reading ``python -m autograde.judge``)."""
+    if same(a, b):
+        return ""
+    if type(a) in (tuple, list) and type(b) is type(a) and len(a) == len(b):
+        for index, (x, y) in enumerate(zip(a, b)):
+            found = difference(x, y, f"{path}/{index}")
+            if found:
+                return found
+    return f"at {path or '/'}: {_brief(a)} != {_brief(b)}"
+
+
+def _brief(value) -> str:
+    if type(value) is torch.Tensor:
+        return f"tensor{tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}"
+    if type(value) in (tuple, list):
+        head = f"{value[0]!r}, " if value and type(value[0]) is str else ""
+        return f"{type(value).__name__}({head}{len(value)} items)"
+    if value is None or type(value) in (bool, int, float, str):
+        return repr(value)[:80]
+    return type(value).__name__
 
 
 def to_bytes(tree) -> str:
