@@ -247,6 +247,8 @@ def _main(watch):
 
     def student_function(value):
         """A function from the student's cells, also under a decorator (``@torch.no_grad()``)."""
+        if value is get_ipython:  # the harness's own, compiled in memory like a cell
+            return False
         for _ in range(4):
             if not _isinstance(value, _FunctionType):
                 return False

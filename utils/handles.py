@@ -269,14 +269,13 @@ class Recorded(Handles):
         construct = wrap(lambda *a, **k: type(cls).__call__(recording, *a, **k), name)
         meta = type(f"Recorded{type(cls).__name__}", (type(cls),), {"__call__": lambda _, *a, **k: construct(*a, **k)})
         body = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "__doc__": cls.__doc__}
-        for kind, key, *_ in members:
-            value = getattr(cls, key) if kind != "property" else vars_in_mro(cls, key).fget
+        for kind, key, *_ in members:  # constants are inherited as they are
             if kind == "static":
-                body[key] = staticmethod(wrap(value, f"{name}.{key}"))
+                body[key] = staticmethod(wrap(getattr(cls, key), f"{name}.{key}"))
             elif kind == "method":
-                body[key] = _recorded_method(wrap(value, f"{name}.{key}"))
+                body[key] = _recorded_method(wrap(getattr(cls, key), f"{name}.{key}"))
             elif kind == "property":
-                body[key] = property(_recorded_method(wrap(value, f"{name}.{key}")))
+                body[key] = property(_recorded_method(wrap(_in_mro(cls, key).fget, f"{name}.{key}")))
         recording = meta(name, (cls,), body)
         return recording
 
@@ -292,7 +291,8 @@ class Recorded(Handles):
         return super().number(value)
 
 
-def vars_in_mro(cls, key):
+def _in_mro(cls, key):
+    """What the class of ``cls``'s hierarchy that defines ``key`` holds (a property, not its value)."""
     for klass in cls.__mro__:
         if key in vars(klass):
             return vars(klass)[key]
