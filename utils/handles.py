@@ -111,25 +111,9 @@ class Handles:
 
     def argument(self, tree):
         """The judge's own argument (or the part of one) a recorded ``("argument", path)`` names."""
-        if self.arguments is not None and len(tree) == 2 and type(tree[1]) is list and len(tree[1]) >= 2:
-            args, kwargs = self.arguments
-            kind, key, *rest = tree[1]
-            if kind == "arg" and type(key) is int and 0 <= key < len(args):
-                value = args[key]
-            elif kind == "kw" and type(key) is str and key in kwargs:
-                value = kwargs[key]
-            else:
-                raise ValueError("a recorded reference to no argument")
-            for step in rest:
-                if isinstance(value, (list, tuple)) and type(step) is int and 0 <= step < len(value):
-                    value = value[step]
-                elif type(value) is dict and type(step) in (str, int) and step in value:
-                    value = value[step]
-                else:
-                    raise ValueError("a recorded reference to no argument")
-            return value
-        raise ValueError("a recorded reference to no argument")
-
+        if self.arguments is None or len(tree) != 2:
+            raise ValueError("a recorded reference to no argument")
+        return at(*self.arguments, tree[1])
 
     def owns(self, value) -> bool:
         raise NotImplementedError
@@ -161,6 +145,29 @@ class Handles:
             raise
         finally:
             self.inside -= 1
+
+
+def at(args, kwargs, path):
+    """The argument (or the part of one) that ``path`` names in a call's ``args`` and ``kwargs``:
+    ``["arg", index, ...]`` or ``["kw", name, ...]``, then list indices and dict keys. A path comes
+    from a record (untrusted): ``ValueError`` when it names nothing."""
+    if type(path) not in (list, tuple) or len(path) < 2:
+        raise ValueError("a recorded reference to no argument")
+    kind, key, *rest = path
+    if kind == "arg" and type(key) is int and 0 <= key < len(args):
+        value = args[key]
+    elif kind == "kw" and type(key) is str and key in kwargs:
+        value = kwargs[key]
+    else:
+        raise ValueError("a recorded reference to no argument")
+    for step in rest:
+        if isinstance(value, (list, tuple)) and type(step) is int and 0 <= step < len(value):
+            value = value[step]
+        elif type(value) is dict and type(step) in (str, int) and step in value:
+            value = value[step]
+        else:
+            raise ValueError("a recorded reference to no argument")
+    return value
 
 
 class given:

@@ -326,13 +326,10 @@ class Replay:
         for step in steps:
             if type(step) is not dict or type(step.get("slot")) is not tuple or len(step["slot"]) != 2:
                 raise Mismatch("the recorded callbacks are malformed")
-            kind, key = step["slot"]
-            if kind == "arg" and type(key) is int and 0 <= key < len(args):
-                callback = args[key]
-            elif kind == "kw" and type(key) is str and key in kwargs:
-                callback = kwargs[key]
-            else:
-                raise Mismatch("a callback the test did not pass")
+            try:
+                callback = _handles.at(args, kwargs, step["slot"])
+            except ValueError:
+                raise Mismatch("a callback the test did not pass") from None
             if not _is_callback(callback):
                 raise Mismatch("a callback the test did not pass")
             a, k = decode(step.get("args"))
@@ -443,12 +440,11 @@ def _argument_of(result, args, kwargs):
 def _argument(tree, args, kwargs):
     """The recorded result: the judge's own argument where the student returned an argument."""
     if type(tree) is tuple and tree[:1] == ("argument",):
-        if len(tree) == 2 and type(tree[1]) is list and len(tree[1]) == 2:
-            kind, key = tree[1]
-            if kind == "arg" and type(key) is int and 0 <= key < len(args):
-                return args[key]
-            if kind == "kw" and type(key) is str and key in kwargs:
-                return kwargs[key]
+        try:
+            if len(tree) == 2:
+                return _handles.at(args, kwargs, tree[1])
+        except ValueError:
+            pass
         raise Mismatch("the recorded result names an argument the test did not pass")
     return decode(tree)
 
