@@ -249,3 +249,18 @@ def test_a_change_through_data_is_recorded_although_no_version_counts_it():
     first, second, finished = record_and_replay(student, test)
     assert finished and torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
     assert float(second[1][0, 0]) == 5.0
+
+
+def test_a_change_below_every_tolerance_is_recorded_too():
+    """A tiny step (an optimizer's last digits) must reach the judge exactly, not be taken as no change."""
+    def student(w):
+        w.data[0] += 1e-7
+        return None
+
+    def test(f):
+        w = torch.nn.Parameter(torch.ones(3))
+        f(w)
+        return w.detach().clone()
+
+    first, second, finished = record_and_replay(student, test)
+    assert finished and torch.equal(first, second) and not torch.equal(second, torch.ones(3))
