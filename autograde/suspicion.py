@@ -36,12 +36,16 @@ ATTRIBUTES = {
     # process, the one route around an in-process judge that no hook sees.
     "__array_interface__": "raw memory (an array over an address)", "__array_struct__": "raw memory",
     "ctypeslib": "raw memory (numpy.ctypeslib)", "from_file": "raw memory (a tensor over a file or /proc)",
+    # The grader's live record (utils.replay.ACTIVE, utils.transcript.HANDLES): what the judge replays.
+    "ACTIVE": "the grader's recorder", "HANDLES": "the grader's recorder",
 }
 # Names whose mere definition (a method or class attribute) deserves a look.
 DEFINED = ("a tensor subclass", "raw memory")
 # Private machinery whose import alone deserves a look (module paths, at any depth).
 PRIVATE_MODULES = {"_C": "PyTorch internals (torch._C)", "_python_dispatch": "PyTorch dispatch internals",
                    "_dynamo": None}
+# The course's grading machinery: no answer needs it.
+GRADING_MODULES = {f"utils.{name}" for name in ("replay", "transcript", "handles", "traffic")}
 MODULES = {
     "sys": None, "os": None, "gc": "garbage collector", "ctypes": "ctypes", "importlib": "importlib",
     "inspect": "frame access", "subprocess": "subprocess", "socket": "network", "urllib": "network",
@@ -76,7 +80,11 @@ def _scan(tree: ast.AST, modules: set[str]) -> list[str]:
     for node in ast.walk(tree):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            if isinstance(node, ast.ImportFrom):
+                names += [f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in GRADING_MODULES]
             for name in names:
+                if name in GRADING_MODULES:
+                    found.append(f"imports {name} (the grader's recording machinery)")
                 top = name.split(".")[0]
                 imported.add(top)
                 if MODULES.get(top):

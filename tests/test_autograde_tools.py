@@ -88,10 +88,12 @@ def test_suspicion_flags_patching_and_machinery_but_not_plain_code():
     found = flags(["torch.testing.assert_close = print", "get_ipython().input_transformers_cleanup.append(1)",
                    "import ctypes", "open('../../solutions/x.ipynb').read()", "checks.check_close = print",
                    "class Raw:\n    __array_interface__ = {'data': (id(x), False)}", "import mmap",
-                   "setattr(getattr(torch, 'testing'), 'assert_close', print)"], setup)
+                   "setattr(getattr(torch, 'testing'), 'assert_close', print)",
+                   "from utils import traffic", "import utils.replay\nutils.replay.ACTIVE.calls.clear()"], setup)
     for expected in ("assigns torch.testing.assert_close", "calls get_ipython()", "imports ctypes",
                      "calls open()", "'solutions'", "assigns checks.check_close", "raw memory (an array",
-                     "imports mmap", "calls setattr()"):
+                     "imports mmap", "calls setattr()", "imports utils.traffic", "imports utils.replay",
+                     ".ACTIVE (the grader's recorder)"):
         assert any(expected in flag for flag in found), (expected, found)
 
 

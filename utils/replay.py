@@ -18,9 +18,9 @@ import types
 
 import torch
 
-from utils import handles as _handles, transcript
+from utils import handles as _handles, traffic as _traffic, transcript
 from utils.transcript import (Callback, Iterated, Opaque, decode, encode, global_state, module_tensors, same,
-                              set_global_state, state_changes, tensors_in, versions_of)
+                              set_global_state, state_changes, tensors_in, unseen, versions_of)
 
 # Errors a replayed call may raise again in the judge (a test may expect the student's function to
 # raise one); any other recorded error becomes a RuntimeError.
@@ -43,14 +43,6 @@ class Mismatch(BaseException):
 class Undecidable(Mismatch):
     """The student's function returned (or left in an argument) a value that cannot cross as data:
     the judge cannot decide the test, and a person should look."""
-
-
-def _unseen():
-    """Tensor operations that a test's dispatch modes do not see: the recorder's copies must not
-    count as reads, allocations or forbidden operators of the student's call they surround."""
-    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.Python) | \
-        torch._C.DispatchKeySet(torch._C.DispatchKey.PythonTLSSnapshot)
-    return torch._C._ExcludeDispatchKeyGuard(keys)
 
 
 # ---------------------------------------------------------------------------
@@ -89,7 +81,7 @@ class _Tap(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        with _unseen():
+        with unseen():
             contributions = [None] * len(ctx.inputs)
             if ctx.inputs:
                 contributions = torch.autograd.grad(ctx.output, ctx.inputs, grad, retain_graph=True,
@@ -165,7 +157,7 @@ class Recorder:
                 def called(*a, **k):
                     step = {"slot": slot}
                     callbacks.append(step)
-                    with _unseen():
+                    with unseen():
                         try:
                             step["args"] = encode((list(a), k))
                         except Opaque as error:
@@ -175,7 +167,7 @@ class Recorder:
                     except BaseException as error:
                         step["raised"] = type(error).__name__
                         raise
-                    with _unseen():
+                    with unseen():
                         try:
                             step["result"] = encode(value)
                         except Opaque as error:
@@ -183,7 +175,7 @@ class Recorder:
                     return value
                 return called
 
-            with _unseen():
+            with unseen():
                 versions = versions_of((args, kwargs))
                 try:
                     entry["args"] = encode(_with_callbacks(args, kwargs, lambda slot, f: Callback(slot)), brief=True)
@@ -192,11 +184,18 @@ class Recorder:
                 before = global_state()
             given_args, given_kwargs = _iterators_again(*_with_callbacks(args, kwargs, watched))
             recorder.depth += 1
+            # Inside a rank, what the call sends and receives is recorded too (``utils/traffic.py``).
+            traffic = _traffic.Recording() if _traffic.in_rank() else None
             try:
-                result = recorder.plain(function(*given_args, **given_kwargs), f"the value returned by {name}")
+                if traffic is None:
+                    value = function(*given_args, **given_kwargs)
+                else:
+                    with traffic:
+                        value = function(*given_args, **given_kwargs)
+                result = recorder.plain(value, f"the value returned by {name}")
             except BaseException as error:
                 entry["raised"] = type(error).__name__
-                with _unseen(), _handles.given(recorder.handles, args, kwargs):
+                with unseen(), _handles.given(recorder.handles, args, kwargs):
                     try:  # what it changed before raising (a cache that took a block, then found none)
                         entry["after"] = encode(_with_callbacks(args, kwargs, lambda slot, f: Callback(slot)),
                                                 versions=versions)
@@ -205,11 +204,18 @@ class Recorder:
                 raise
             finally:
                 recorder.depth -= 1
-                with _unseen():
+                if traffic is not None:
+                    traffic.finish()
+                    if traffic.problem:
+                        entry.setdefault("opaque", f"communication that cannot cross: {traffic.problem}")
+                        entry["undecidable"] = True
+                    elif traffic.ops:
+                        entry["traffic"] = traffic.ops
+                with unseen():
                     changes = state_changes(before, global_state())
                     if changes:  # the judge must draw the same random numbers next
                         entry["state"] = encode(changes)
-            with _unseen(), _handles.given(recorder.handles, args, kwargs):
+            with unseen(), _handles.given(recorder.handles, args, kwargs):
                 try:
                     entry["after"] = encode(_with_callbacks(args, kwargs, lambda slot, f: Callback(slot)),
                                             versions=versions)
@@ -249,7 +255,7 @@ class Recorder:
         self.calls = []  # this rank's own, in its copy of the recorder
 
     def leave_rank(self):
-        with _unseen():
+        with unseen():
             return transcript.to_bytes(self.calls)
 
     def ranks_done(self, calls: list) -> None:
@@ -295,19 +301,24 @@ class Replay:
 
         def replayed(*args, **kwargs):
             args, kwargs = _read_iterators(args, kwargs)
-            with _unseen():  # the judge's reading of the arguments, as the recorder's: not the student's work
+            with unseen():  # the judge's reading of the arguments, as the recorder's: not the student's work
                 entry = replay._entry(name, args, kwargs)
             replay.call_back(entry.get("callbacks"), args, kwargs)
+            if "traffic" in entry:  # sent for real, seen by the test's communication log
+                try:
+                    _traffic.replay(entry["traffic"])
+                except ValueError as error:
+                    raise Mismatch(f"{name}: {error}") from None
             if "state" in entry:
                 set_global_state(entry["state"])
             if "raised" in entry:
                 if "after" in entry:
-                    with _unseen(), _handles.given(replay.handles, args, kwargs):
+                    with unseen(), _handles.given(replay.handles, args, kwargs):
                         _write_back(_with_callbacks(args, kwargs, lambda slot, f: Callback(slot)), entry["after"])
                 raise ERRORS.get(entry["raised"], RuntimeError)()
             if "result" not in entry:
                 raise Mismatch(f"the recorded call of {name} has no result")
-            with _unseen(), _handles.given(replay.handles, args, kwargs):
+            with unseen(), _handles.given(replay.handles, args, kwargs):
                 _write_back(_with_callbacks(args, kwargs, lambda slot, f: Callback(slot)), entry["after"])
                 result = _argument(entry["result"], args, kwargs)
             if "tapped" in entry:
