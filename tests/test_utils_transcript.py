@@ -264,3 +264,61 @@ def test_a_change_below_every_tolerance_is_recorded_too():
 
     first, second, finished = record_and_replay(student, test)
     assert finished and torch.equal(first, second) and not torch.equal(second, torch.ones(3))
+
+
+def test_a_modules_mode_and_its_log_of_calls_are_written_back():
+    """A course model passed to the student's function: the calls it logged and the mode it was
+    left in reach the judge's model (Phase 2's generate, Phase 3's evaluate check both)."""
+    from utils.transformer import ReplayLM
+
+    def student(model, idx):
+        model.eval()
+        logits, past = model(idx)
+        logits, past = model(idx[:, -1:], past)
+        return logits.argmax(-1)
+
+    def test(f):
+        model = ReplayLM(GPTConfig(vocab_size=11, block_size=16, n_layer=1, n_head=2, n_embd=8), seed=0)
+        picked = f(model, torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(0)))
+        return picked, list(model.calls), model.training, [m.training for m in model.modules()]
+
+    first, second, finished = record_and_replay(student, test)
+    assert finished and torch.equal(first[0], second[0])
+    assert second[1] == [(5, False), (1, True)] and second[2] is False and not any(second[3])
+
+
+def test_a_file_the_test_names_crosses_by_its_content(tmp_path):
+    """A checkpoint saved by the student's function at a path of the test's is in the judge's file
+    (another folder: a temporary directory has another name there), and a load is matched by what
+    the file it reads holds."""
+    import tempfile
+    from pathlib import Path
+
+    def save(path, tensor):
+        torch.save({"t": tensor * 2}, path)
+
+    def load(path):
+        return torch.load(path, weights_only=True)["t"]
+
+    def test(save, load):
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "state.pt"
+            save(path, torch.arange(3.0))
+            stored = torch.load(path, weights_only=True)["t"]   # the test reads the file itself
+            return stored, load(path)
+
+    recorder = replay.Recorder(plain)
+    first = test(recorder.wrap(save, "save"), recorder.wrap(load, "load"))
+    calls = transcript.from_bytes(transcript.to_bytes({"calls": recorder.calls}))["calls"]
+    judge = replay.Replay(calls)
+    second = test(judge.stub("save"), judge.stub("load"))
+    assert judge.finished() and all(torch.equal(a, b) for a, b in zip(first, second))
+    assert torch.equal(second[0], torch.arange(3.0) * 2)
+
+    judge = replay.Replay(calls)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "state.pt"
+        judge.stub("save")(path, torch.arange(3.0))
+        torch.save({"t": torch.zeros(3)}, path)           # another file than the student's load read
+        with pytest.raises(replay.Mismatch):
+            judge.stub("load")(path)

@@ -29,7 +29,7 @@ from utils import transcript
 
 # What nn.Module keeps in its __dict__ for its own machinery (hooks, registries, the tensors and
 # submodules listed apart): not the student's data.
-_MODULE_INTERNALS = frozenset(vars(nn.Module())) - {"training"}
+_MODULE_INTERNALS = transcript.MODULE_INTERNALS - {"training"}
 # Besides public methods, the special methods a test may call on an object (recorded like methods).
 _SPECIAL = ("__call__", "__len__", "__getitem__", "__contains__", "__bool__", "__iter__")
 # Special methods that change how attributes are read or objects compared: the judge's stand-in

@@ -14,6 +14,7 @@ through a raw pointer) passes a wrong value off as right. Calls that differ from
 
 from __future__ import annotations
 
+import pathlib
 import types
 
 import torch
@@ -471,20 +472,18 @@ def _write_back(given, tree) -> None:
             raise Mismatch("an object of the student's class was not recorded as itself")
         _write_back_parts(given, *tree[5:])
     elif isinstance(given, torch.nn.Module):
-        if tag != "module" or len(tree) != 4:
+        modules = list(given.modules())
+        if tag != "module" or len(tree) != 6 or type(tree[4]) is not list or len(tree[4]) != len(modules) \
+                or any(type(flag) is not bool for flag in tree[4]):
             raise Mismatch("a module argument was not recorded as one")
         _write_back(module_tensors(given), tree[3])
+        for module, training in zip(modules, tree[4]):
+            module.training = training  # put in eval mode (or back in training mode) by the call
+        _write_back_attributes(given, tree[5])
     elif tag == "stateful" and len(tree) == 4 and callable(getattr(given, "load_state_dict", None)):
         given.load_state_dict(decode(tree[3]))
-    elif tag == "object" and len(tree) == 4 and type(tree[3]) is list and isinstance(getattr(given, "__dict__", None), dict):
-        for pair in tree[3]:
-            if type(pair) is not tuple or len(pair) != 2 or type(pair[0]) is not str:
-                raise Mismatch("an argument was recorded malformed")
-            key, item_tree = pair
-            if key in vars(given) and not _replaceable(vars(given)[key], item_tree):
-                _write_back(vars(given)[key], item_tree)
-            elif not same(_encode_or_none(vars(given).get(key)), item_tree):
-                setattr(given, key, decode(item_tree))
+    elif tag == "object" and len(tree) == 4 and isinstance(getattr(given, "__dict__", None), dict):
+        _write_back_attributes(given, tree[3])
     elif isinstance(given, torch.Generator):
         if tag != "generator" or len(tree) != 2 or type(tree[1]) is not torch.Tensor:
             raise Mismatch("a generator argument was not recorded as one")
@@ -507,6 +506,10 @@ def _write_back(given, tree) -> None:
             elif type(grad) is torch.Tensor and grad.shape == given.shape and \
                     (given.grad is None or not torch.equal(grad, given.grad)):
                 given.grad = grad.clone()
+    elif isinstance(given, pathlib.PurePath):
+        if tag != "path" or len(tree) != 3 or tree[1] != given.name or not (tree[2] is None or type(tree[2]) is bytes):
+            raise Mismatch("a path argument was not recorded as one")
+        _write_back_file(pathlib.Path(given), tree[2])
     elif type(given) is Iterated and tag == "iterated" and type(tree[1]) is list and len(given) == len(tree[1]):
         for item, item_tree in zip(given, tree[1]):
             _write_back(item, item_tree)
@@ -534,6 +537,36 @@ def _write_back(given, tree) -> None:
                 given[key] = decode(value_tree)
         for key in [key for key in given if key not in kept]:  # entries the call removed
             del given[key]
+
+
+def _write_back_attributes(given, pairs) -> None:
+    """What a call did to the plain attributes of an object of the course's or the test's (a module's
+    log of its calls, a tokenizer's vocabulary), done to the judge's."""
+    if type(pairs) is not list:
+        raise Mismatch("an argument was recorded malformed")
+    for pair in pairs:
+        if type(pair) is not tuple or len(pair) != 2 or type(pair[0]) is not str:
+            raise Mismatch("an argument was recorded malformed")
+        key, item_tree = pair
+        if key in vars(given) and not _replaceable(vars(given)[key], item_tree):
+            _write_back(vars(given)[key], item_tree)
+        elif not same(_encode_or_none(vars(given).get(key)), item_tree):
+            given.__dict__[key] = decode(item_tree)
+
+
+def _write_back_file(path, content) -> None:
+    """What the call left in the file the test named (a checkpoint it saved), left in the judge's.
+    The judge's test reads it as it would the student's (``torch.load(weights_only=True)``)."""
+    current = path.read_bytes() if path.is_file() else None
+    if content == current:
+        return
+    if content is None:
+        if path.is_file():
+            path.unlink()  # the call removed the file
+        return
+    if path.exists() and not path.is_file():
+        raise Mismatch("a file recorded where the judge has a folder")
+    path.write_bytes(content)
 
 
 def _same_handle(given, tree) -> bool:
@@ -606,6 +639,8 @@ def _replaceable(item, tree) -> bool:
     tag = tree[0] if type(tree) is tuple and tree else None
     if tag in ("unchanged", "callback"):
         return False
+    if tag == "path" and isinstance(item, pathlib.PurePath):
+        return False  # the file it names was written back
     if tag == "handle":
         return not _same_handle(item, tree)
     if tag == "argument":

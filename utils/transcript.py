@@ -17,8 +17,10 @@ from __future__ import annotations
 import base64
 import collections
 import dataclasses
+import hashlib
 import io
 import math
+import pathlib
 import random
 
 import torch
@@ -103,27 +105,26 @@ def encode(value, brief: bool = False, versions: dict | None = None):
         return ("device", str(value))
     if kind is slice:
         return ("slice", [encode(value.start), encode(value.stop), encode(value.step)])
+    if isinstance(value, pathlib.PurePath):
+        return ("path", value.name, _file(value, brief))
     if HANDLES is not None and HANDLES.owns(value):
         return HANDLES.encode(value, brief, versions)
     if _trusted(kind) and dataclasses.is_dataclass(value):
         return ("dataclass", kind.__module__, kind.__qualname__,
                 [(f.name, encode(getattr(value, f.name), brief, versions)) for f in dataclasses.fields(value)])
     if isinstance(value, torch.nn.Module) and (_trusted(kind) or HANDLES is not None):
-        # Compared and written back by its tensors; the judge holds its own object of the same class
+        # Compared and written back by its tensors, its modes (train or eval) and its own attributes
+        # that are plain data (a log of its calls); the judge holds its own object of the same class
         # (the course's, torch's, or one the test defines: the student's cross by handle, above).
-        return ("module", kind.__module__, kind.__qualname__, encode(module_tensors(value), brief, versions))
+        return ("module", kind.__module__, kind.__qualname__, encode(module_tensors(value), brief, versions),
+                [bool(module.training) for module in value.modules()],
+                _attributes(value, MODULE_INTERNALS, brief, versions))
     if _trusted(kind) and callable(getattr(value, "state_dict", None)) and callable(getattr(value, "load_state_dict", None)):
         # An optimizer or a learning-rate schedule: compared and written back by its state.
         return ("stateful", kind.__module__, kind.__qualname__, encode(value.state_dict()))
     if _trusted(kind) and isinstance(getattr(value, "__dict__", None), dict) and not isinstance(value, type):
         # Any other object of the course's (a tokenizer): its attributes that are plain data.
-        attributes = []
-        for key, item in vars(value).items():
-            try:
-                attributes.append((key, encode(item, brief, versions)))
-            except Opaque:
-                pass
-        return ("object", kind.__module__, kind.__qualname__, attributes)
+        return ("object", kind.__module__, kind.__qualname__, _attributes(value, (), brief, versions))
     np = _numpy()
     if np is not None and kind is np.ndarray and value.dtype.kind in "biufc":
         return ("ndarray", value.dtype.str, list(value.shape), np.ascontiguousarray(value).tobytes())
@@ -133,6 +134,40 @@ def encode(value, brief: bool = False, versions: dict | None = None):
 
 
 _FACTORIES = {"dict": dict, "list": list, "int": int, "float": float}
+# What every ``nn.Module`` holds in its ``__dict__`` (its registries of tensors, submodules and hooks).
+MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))
+
+
+# A file the test names by a path (a checkpoint): recorded by its content up to this size.
+LARGEST_FILE = 16 << 20
+
+
+def _file(path, brief: bool):
+    """What the file at ``path`` holds: its bytes (a digest when ``brief``: arguments are only
+    compared), None when there is no file. The test's folders have other names in the judge (a
+    temporary directory): a path is compared by its last part and by what the file holds."""
+    try:
+        if not pathlib.Path(path).is_file():
+            return None
+        if pathlib.Path(path).stat().st_size > LARGEST_FILE:
+            raise Opaque("a file over 16 MB")
+        content = pathlib.Path(path).read_bytes()
+    except OSError:
+        return None
+    return ("sha256", hashlib.sha256(content).hexdigest()) if brief else content
+
+
+def _attributes(value, internals, brief, versions) -> list:
+    """(name, encoding) of an object's own attributes that are plain data, ``internals`` left out."""
+    attributes = []
+    for key, item in vars(value).items():
+        if key in internals:
+            continue
+        try:
+            attributes.append((key, encode(item, brief, versions)))
+        except Opaque:
+            pass
+    return attributes
 
 
 def _items(value: dict, brief: bool, versions) -> list:
@@ -240,6 +275,8 @@ def decode(tree):
         return generator
     if tag == "value" and len(rest) == 1 and (rest[0] is None or type(rest[0]) in (bool, int, float, complex, str, bytes)):
         return rest[0]
+    if tag == "path" and len(rest) == 2 and type(rest[0]) is str:
+        return pathlib.Path(rest[0])  # a path the student's function made: only its name crosses
     if tag in ("list", "tuple") and len(rest) == 1 and type(rest[0]) is list:
         items = [decode(item) for item in rest[0]]
         return items if tag == "list" else tuple(items)
