@@ -24,10 +24,10 @@ from typing import Callable, Mapping, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from . import checks, plots, runtime
+from .trace import Watching
 
 # ---------------------------------------------------------------------------
 # The digit-reversal task (exercise 1)
@@ -244,7 +244,7 @@ def warm_up_dispatch() -> None:
     import torch._dynamo  # noqa: F401
 
 
-class NewMemory(TorchDispatchMode):
+class NewMemory(Watching):
     """Record the largest NEW tensor that any PyTorch operator returns inside the block
     (``largest_bytes``, ``largest_shape``). Views and in-place results reuse memory that already
     existed (a slice of ``k`` is not a copy of it), so they do not count.

@@ -22,6 +22,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from .trace import Watching
+
 
 def passed(message: str) -> None:
     """Print a green tick and ``message``: the last line of a visible test that passed."""
@@ -201,7 +203,7 @@ def check_gradients_flow(parameters, name: str = "the module") -> None:
 # Tools for tests that check how a result was computed, not only what it is
 # ---------------------------------------------------------------------------
 
-class _ForbiddenOps(TorchDispatchMode):
+class _ForbiddenOps(Watching):
     """Raise as soon as an operator whose name contains one of ``fragments`` runs.
 
     It works below Python, where every route to a computation meets: ``torch.softmax``,
@@ -228,7 +230,7 @@ def forbid_ops(fragments: Sequence[str], message: str):
     return shortcuts_off(ops=fragments, message=message)
 
 
-class LargestTensor(TorchDispatchMode):
+class LargestTensor(Watching):
     """Record the largest block of memory that any PyTorch operator returns inside the block.
 
     >>> with LargestTensor() as record:

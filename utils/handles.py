@@ -93,19 +93,7 @@ class Handles:
         if self.arguments is None or not self.inside or not isinstance(item, (torch.Tensor, nn.Module, list, dict)):
             return None
         if self._paths is None:
-            args, kwargs = self.arguments
-            self._paths = {}
-            pending = [(value, ["arg", i]) for i, value in enumerate(args)] + \
-                [(value, ["kw", key]) for key, value in kwargs.items()]
-            while pending and len(self._paths) < 10000:
-                value, path = pending.pop(0)
-                if id(value) in self._paths or not isinstance(value, (torch.Tensor, nn.Module, list, tuple, dict)):
-                    continue
-                self._paths[id(value)] = (value, path)
-                if isinstance(value, (list, tuple)):  # an iterator read into a list too
-                    pending += [(x, path + [i]) for i, x in enumerate(value)]
-                elif type(value) is dict:
-                    pending += [(x, path + [k]) for k, x in value.items() if type(k) in (str, int)]
+            self._paths = argument_paths(*self.arguments)
         found = self._paths.get(id(item))
         return ("argument", list(found[1])) if found is not None and found[0] is item else None
 
@@ -145,6 +133,24 @@ class Handles:
             raise
         finally:
             self.inside -= 1
+
+
+def argument_paths(args, kwargs) -> dict:
+    """``{id(value): (value, path)}`` for the tensors, modules, lists and dicts in a call's arguments
+    (``path`` as ``at`` reads it), the first path found for each."""
+    paths = {}
+    pending = [(value, ["arg", i]) for i, value in enumerate(args)] + \
+        [(value, ["kw", key]) for key, value in kwargs.items()]
+    while pending and len(paths) < 10000:
+        value, path = pending.pop(0)
+        if id(value) in paths or not isinstance(value, (torch.Tensor, nn.Module, list, tuple, dict)):
+            continue
+        paths[id(value)] = (value, path)
+        if isinstance(value, (list, tuple)):  # an iterator read into a list too
+            pending += [(x, path + [i]) for i, x in enumerate(value)]
+        elif type(value) is dict:
+            pending += [(x, path + [k]) for k, x in value.items() if type(k) in (str, int)]
+    return paths
 
 
 def at(args, kwargs, path):

@@ -21,9 +21,9 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import plotly.graph_objects as go
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import plots
+from .trace import Watching
 
 __all__ = ["GiB", "MiB", "CATEGORIES", "COLOURS", "tensor_bytes", "MemoryReport", "memory_report",
            "memory_figure", "PeakMemory", "saved_activation_bytes", "TransformerBlock",
@@ -255,7 +255,7 @@ def model_state_categories(n_params: float, world_size: int, zero_stage: int, *,
             for name, size in zip(sharded_from, bytes_per_param)}
 
 
-class PeakMemory(TorchDispatchMode):
+class PeakMemory(Watching):
     """Measure the most memory a rank holds at once inside ``with PeakMemory(model, optimizer) as peak:``.
 
     Every tensor an operator creates in the block counts from its creation until its memory is freed

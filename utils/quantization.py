@@ -28,10 +28,10 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from . import plots, runtime
+from .trace import Watching
 
 # ---------------------------------------------------------------------------
 # Number formats
@@ -177,7 +177,7 @@ def quantized_linear(x: torch.Tensor, q_w: torch.Tensor, w_scale: torch.Tensor,
     return y if bias is None else y + bias
 
 
-class _IntegerMatmulsOnly(TorchDispatchMode):
+class _IntegerMatmulsOnly(Watching):
     def __init__(self, message: str):
         super().__init__()
         self.message = message

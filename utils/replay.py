@@ -14,14 +14,15 @@ through a raw pointer) passes a wrong value off as right. Calls that differ from
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 import types
 
 import torch
 
-from utils import handles as _handles, traffic as _traffic, transcript
-from utils.transcript import (Callback, Iterated, Opaque, decode, encode, global_state, module_tensors, same,
-                              set_global_state, state_changes, tensors_in, unseen, versions_of)
+from utils import handles as _handles, trace as _trace, traffic as _traffic, transcript
+from utils.transcript import (Callback, Iterated, Opaque, decode, encode, global_state, map_tensors, module_tensors,
+                              same, set_global_state, state_changes, tensors_in, unseen, versions_of)
 
 # Errors a replayed call may raise again in the judge (a test may expect the student's function to
 # raise one); any other recorded error becomes a RuntimeError.
@@ -54,20 +55,6 @@ def grad_leaves(value) -> list:
     """The tensors requiring a gradient in a call's arguments (a module's parameters included), in
     an order both sides compute alike."""
     return [tensor for tensor in tensors_in(value) if tensor.requires_grad]
-
-
-def map_tensors(function, value):
-    """``value`` with each tensor ``t`` in it (lists, tuples, named tuples, dicts) replaced by ``function(t)``."""
-    if isinstance(value, torch.Tensor):
-        return function(value)
-    if type(value) is list:
-        return [map_tensors(function, x) for x in value]
-    if isinstance(value, tuple):
-        items = [map_tensors(function, x) for x in value]
-        return type(value)(*items) if hasattr(type(value), "_fields") else tuple(items)
-    if type(value) is dict:
-        return {k: map_tensors(function, v) for k, v in value.items()}
-    return value
 
 
 class _Tap(torch.autograd.Function):
@@ -187,12 +174,16 @@ class Recorder:
             recorder.depth += 1
             # Inside a rank, what the call sends and receives is recorded too (``utils/traffic.py``).
             traffic = _traffic.Recording() if _traffic.in_rank() else None
+            # Under a test's watching dispatch mode, the operators it runs too (``utils/trace.py``).
+            trace = _trace.Trace(args, kwargs) if _trace.watched() else None
             try:
-                if traffic is None:
+                with traffic or contextlib.nullcontext(), trace or contextlib.nullcontext():
                     value = function(*given_args, **given_kwargs)
-                else:
-                    with traffic:
-                        value = function(*given_args, **given_kwargs)
+                if trace is not None and trace.problem is None:
+                    with unseen():
+                        traced = trace.record(value)
+                    if traced is not None:
+                        entry["trace"] = traced
                 result = recorder.plain(value, f"the value returned by {name}")
             except BaseException as error:
                 entry["raised"] = type(error).__name__
@@ -212,6 +203,9 @@ class Recorder:
                         entry["undecidable"] = True
                     elif traffic.ops:
                         entry["traffic"] = traffic.ops
+                if trace is not None and trace.problem:
+                    entry.setdefault("opaque", f"operators that cannot cross: {trace.problem}")
+                    entry["undecidable"] = True
                 with unseen():
                     changes = state_changes(before, global_state())
                     if changes:  # the judge must draw the same random numbers next
@@ -310,6 +304,12 @@ class Replay:
                     _traffic.replay(entry["traffic"])
                 except ValueError as error:
                     raise Mismatch(f"{name}: {error}") from None
+            computed = None
+            if "trace" in entry:  # run again, seen by the test's dispatch modes
+                try:
+                    computed = _trace.run(entry["trace"], args, kwargs)
+                except ValueError as error:
+                    raise Mismatch(f"{name}: {error}") from None
             if "state" in entry:
                 set_global_state(entry["state"])
             if "raised" in entry:
@@ -322,6 +322,13 @@ class Replay:
             with unseen(), _handles.given(replay.handles, args, kwargs):
                 _write_back(_with_callbacks(args, kwargs, lambda slot, f: Callback(slot)), entry["after"])
                 result = _argument(entry["result"], args, kwargs)
+                if computed is not None:
+                    try:
+                        _trace.check(computed, result)
+                    except LookupError as error:
+                        raise Undecidable(f"{name}: {error}") from None
+                    except ValueError as error:
+                        raise Mismatch(f"{name}: {error}") from None
             if "tapped" in entry:
                 result = replay.attach(result, entry, grad_leaves((args, kwargs)))
             return result

@@ -377,6 +377,20 @@ def _brief(value) -> str:
     return type(value).__name__
 
 
+def map_tensors(function, value):
+    """``value`` with each tensor ``t`` in it (lists, tuples, named tuples, dicts) replaced by ``function(t)``."""
+    if isinstance(value, torch.Tensor):
+        return function(value)
+    if type(value) is list:
+        return [map_tensors(function, x) for x in value]
+    if isinstance(value, tuple):
+        items = [map_tensors(function, x) for x in value]
+        return type(value)(*items) if hasattr(type(value), "_fields") else tuple(items)
+    if type(value) is dict:
+        return {k: map_tensors(function, v) for k, v in value.items()}
+    return value
+
+
 def unseen():
     """Tensor operations that a test's dispatch modes do not see: the grader's own copies (the
     recorder's, the judge's reading of arguments) must not count as reads, allocations or forbidden
