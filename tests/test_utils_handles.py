@@ -326,3 +326,23 @@ class Holder(nn.Module):
 
     first, second, finished = record_and_replay(test, source)
     assert finished and all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_forward_hooks_the_test_put_on_inner_layers_fire_in_the_judge_too():
+    """Phase 2's tests count, with forward hooks, which layers of the student's model ran: the
+    layers' calls inside the student's forward are recorded (for hooked layers only) and the
+    judge fires its own layers' hooks with what they received and returned."""
+    def test(classes):
+        model = classes["Tiny"](11, 4)
+        ran, outputs = [], []
+        for name, layer in model.named_modules():
+            if name:
+                layer.register_forward_hook(lambda m, args, out, name=name: (ran.append(name), outputs.append(out)))
+        model.blocks[0].register_forward_pre_hook(lambda m, args: ran.append("before blocks.0"))
+        logits = plain(model(torch.tensor([[1, 2, 3]])))
+        return logits, ran, outputs
+
+    first, second, finished = record_and_replay(test)
+    assert finished and torch.allclose(first[0], second[0])
+    assert first[1] == second[1] == ["wte", "before blocks.0", "blocks.0", "blocks.1", "head"]
+    assert all(torch.allclose(a, b) for a, b in zip(first[2], second[2]))
