@@ -335,9 +335,14 @@ def test_forward_hooks_the_test_put_on_inner_layers_fire_in_the_judge_too():
     def test(classes):
         model = classes["Tiny"](11, 4)
         ran, outputs = [], []
+
+        def seen(module, args, out, name):
+            ran.append(name)
+            outputs.append(out)
+
         for name, layer in model.named_modules():
             if name:
-                layer.register_forward_hook(lambda m, args, out, name=name: (ran.append(name), outputs.append(out)))
+                layer.register_forward_hook(lambda m, args, out, name=name: seen(m, args, out, name))
         model.blocks[0].register_forward_pre_hook(lambda m, args: ran.append("before blocks.0"))
         logits = plain(model(torch.tensor([[1, 2, 3]])))
         return logits, ran, outputs

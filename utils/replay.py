@@ -171,6 +171,23 @@ class Recorder:
                     entry["opaque"] = f"an argument of type {error}"
                 before = global_state()
             given_args, given_kwargs = _iterators_again(*_with_callbacks(args, kwargs, watched))
+            # Layers of its module arguments that carry a hook (a test counting which layers ran):
+            # their calls inside this one are recorded, for the judge to fire its own layers' hooks.
+            hooked = _hooked_layers(args, kwargs)
+            if hooked:
+                entry["layers"] = []
+
+                def layer_called(module, inputs, output):
+                    found = hooked.get(id(module))
+                    if found is not None and found[0] is module and "layers" in entry:
+                        with unseen():
+                            try:
+                                entry["layers"].append((found[1], encode(list(inputs)), encode(output)))
+                            except Opaque as error:
+                                entry.setdefault("opaque", f"a hooked layer's {error}")
+                                entry["undecidable"] = True
+                                del entry["layers"]
+                watcher = torch.nn.modules.module.register_module_forward_hook(layer_called)
             recorder.depth += 1
             # Inside a rank, what the call sends and receives is recorded too (``utils/traffic.py``).
             traffic = _traffic.Recording() if _traffic.in_rank() else None
@@ -196,6 +213,8 @@ class Recorder:
                 raise
             finally:
                 recorder.depth -= 1
+                if hooked:
+                    watcher.remove()
                 if traffic is not None:
                     traffic.finish()
                     if traffic.problem:
@@ -329,6 +348,8 @@ class Replay:
                         raise Undecidable(f"{name}: {error}") from None
                     except ValueError as error:
                         raise Mismatch(f"{name}: {error}") from None
+            if "layers" in entry:
+                _fire_hooks(entry["layers"], args, kwargs)
             if "tapped" in entry:
                 result = replay.attach(result, entry, grad_leaves((args, kwargs)))
             return result
@@ -411,6 +432,41 @@ class Replay:
 
     def ranks_done(self, calls: list) -> None:
         pass
+
+
+def _hooked_layers(args, kwargs) -> dict:
+    """``{id(layer): (layer, (argument path, dotted name))}`` for the layers of the modules among a
+    call's arguments that carry a forward hook or pre-hook."""
+    found = {}
+    for value, path in _handles.argument_paths(args, kwargs).values():
+        if isinstance(value, torch.nn.Module):
+            for name, layer in value.named_modules():
+                if (layer._forward_hooks or layer._forward_pre_hooks) and id(layer) not in found:
+                    found[id(layer)] = (layer, (path, name))
+    return found
+
+
+def _fire_hooks(steps, args, kwargs) -> None:
+    """In the judge: the hooks on its own layers, called with what each layer received and returned
+    in the student's call (in order; the layers themselves do not run again)."""
+    if type(steps) is not list:
+        raise Mismatch("the recorded layer calls are malformed")
+    for step in steps:
+        if type(step) is not tuple or len(step) != 3 or type(step[0]) is not tuple or len(step[0]) != 2 \
+                or type(step[0][1]) is not str:
+            raise Mismatch("the recorded layer calls are malformed")
+        try:
+            layer = _handles.at(args, kwargs, step[0][0]).get_submodule(step[0][1])
+        except (ValueError, AttributeError):
+            raise Mismatch("a recorded layer call names no layer of the test's") from None
+        inputs, output = decode(step[1]), decode(step[2])
+        if type(inputs) is not list:
+            raise Mismatch("the recorded layer calls are malformed")
+        inputs = tuple(inputs)
+        for key, hook in list(layer._forward_pre_hooks.items()):
+            hook(layer, inputs, {}) if key in layer._forward_pre_hooks_with_kwargs else hook(layer, inputs)
+        for key, hook in list(layer._forward_hooks.items()):
+            hook(layer, inputs, {}, output) if key in layer._forward_hooks_with_kwargs else hook(layer, inputs, output)
 
 
 def _is_callback(value) -> bool:
