@@ -351,3 +351,46 @@ def test_forward_hooks_the_test_put_on_inner_layers_fire_in_the_judge_too():
     assert finished and torch.allclose(first[0], second[0])
     assert first[1] == second[1] == ["wte", "before blocks.0", "blocks.0", "blocks.1", "head"]
     assert all(torch.allclose(a, b) for a, b in zip(first[2], second[2]))
+
+
+def test_a_course_model_rebuilt_in_place_is_rebuilt_in_the_judge_too():
+    """Phase 5's vocabulary resize: the student's function replaces a course GPT's embedding and
+    head with larger ones, tied; the judge's own model gets the new weights, the tie and the new
+    sizes (its modules are recorded by their parts, not only by their tensors)."""
+    from utils.transformer import GPT, GPTConfig
+
+    def grow(model, new_vocab):
+        old = model.transformer.wte.weight
+        wte = nn.Embedding(new_vocab, old.shape[1])
+        with torch.no_grad():
+            wte.weight[:old.shape[0]] = old
+            wte.weight[old.shape[0]:] = old.mean(0)
+        model.transformer.wte = wte
+        model.lm_head = nn.Linear(old.shape[1], new_vocab, bias=False)
+        model.lm_head.weight = wte.weight
+        model.config.vocab_size = new_vocab
+        return model
+
+    def test(grow):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=20, block_size=8, n_layer=1, n_head=2, n_embd=8)).eval()
+        assert grow(model, 24) is model
+        logits = model(torch.randint(0, 24, (2, 5), generator=torch.Generator().manual_seed(1)))[0]
+        return (logits.detach(), model.lm_head.weight is model.transformer.wte.weight,
+                model.transformer.wte.num_embeddings, model.config.vocab_size)
+
+    recorder = replay.Recorder(plain, is_student_class)
+    transcript.HANDLES = recorder.handles
+    try:
+        first = test(recorder.wrap(grow, "grow"))
+    finally:
+        transcript.HANDLES = None
+    calls = transcript.from_bytes(transcript.to_bytes({"calls": recorder.calls}))["calls"]
+    judge = replay.Replay(calls)
+    transcript.HANDLES = judge.handles
+    try:
+        second = test(judge.stub("grow"))
+    finally:
+        transcript.HANDLES = None
+    assert judge.finished() and torch.allclose(first[0], second[0]) and first[0].shape[-1] == 24
+    assert first[1:] == second[1:] == (True, 24, 24)

@@ -135,6 +135,25 @@ class Handles:
             self.inside -= 1
 
 
+    def encode_module(self, value, brief: bool, versions):
+        """``("torchmodule", module, qualname, attributes, parameters, buffers, submodules)``: a
+        module of torch's, the course's or the test's, by its parts (a tied weight once, then as
+        ``("same", path)``), so that the judge can write back a submodule or weight the call
+        replaced; ``Opaque`` when a part cannot cross (a submodule of another library's)."""
+        known = len(self.objects)
+        self.inside += 1
+        try:
+            return ("torchmodule", type(value).__module__, type(value).__qualname__,
+                    *_parts(self, value, brief, versions, {}, ""))
+        except transcript.Opaque:
+            for dropped in self.objects[known:]:
+                del self.numbers[id(dropped)]
+            del self.objects[known:]
+            raise
+        finally:
+            self.inside -= 1
+
+
 def argument_paths(args, kwargs) -> dict:
     """``{id(value): (value, path)}`` for the tensors, modules, lists and dicts in a call's arguments
     (``path`` as ``at`` reads it), the first path found for each."""

@@ -534,6 +534,10 @@ def _write_back(given, tree) -> None:
         if not _same_handle(given, tree):
             raise Mismatch("an object of the student's class was not recorded as itself")
         _write_back_parts(given, *tree[5:])
+    elif tag == "torchmodule" and isinstance(given, torch.nn.Module):
+        if len(tree) != 7 or (type(given).__module__, type(given).__qualname__) != tree[1:3]:
+            raise Mismatch("a module argument was not recorded as one")
+        _write_back_parts(given, *tree[3:], prune=False)
     elif isinstance(given, torch.nn.Module):
         modules = list(given.modules())
         if tag != "module" or len(tree) != 6 or type(tree[4]) is not list or len(tree[4]) != len(modules) \
@@ -639,18 +643,24 @@ def _same_handle(given, tree) -> bool:
         and handles.owns(given) and handles.number(given) == tree[1]
 
 
-def _write_back_parts(given, attributes, parameters, buffers, submodules) -> None:
+def _write_back_parts(given, attributes, parameters, buffers, submodules, root=None, path="", prune=True) -> None:
     """What a call did to an object of the student's class (its attributes, parameters, buffers and
-    submodules, recorded by ``utils/handles.py``), done to the judge's stand-in (or to a torch
-    module inside it)."""
+    submodules, recorded by ``utils/handles.py``), done to the judge's stand-in (or to a module of
+    torch's, the course's or the test's, or one inside them). ``root`` is the object the record
+    starts from (a tied weight is recorded as ``("same", its path from there)``) and ``path`` the
+    way from it to ``given``; ``prune``: attributes the record lacks are removed (a student's object
+    whose state stopped being data), not on a module of the test's (an attribute that cannot cross)."""
     _pairs = _handles._pairs
+    root = given if root is None else root
+    prefix = f"{path}." if path else ""
     recorded = {key for key, _ in _pairs(attributes)}
-    for key in [key for key in vars(given) if key not in recorded and not (
+    for key in [key for key in vars(given) if prune and key not in recorded and not (
             isinstance(given, torch.nn.Module) and key in _handles._MODULE_INTERNALS)]:
         del given.__dict__[key]  # no longer data on the student's side (an optimizer's state by tensor)
     for key, tree in _pairs(attributes):
         if type(tree) is tuple and tree[:1] == ("same",):
-            continue  # a tensor shared with a parameter: written back there
+            given.__dict__[key] = _at_path(root, tree)  # shared with a tensor written back before
+            continue
         if type(tree) is tuple and tree[:1] == ("argument",):
             given.__dict__[key] = transcript.HANDLES.argument(tree)
             continue
@@ -664,6 +674,7 @@ def _write_back_parts(given, attributes, parameters, buffers, submodules) -> Non
     for table, kind in ((given._parameters, "parameter"), (given._buffers, "buffer")):
         for key, tree in _pairs(parameters if kind == "parameter" else buffers):
             if type(tree) is tuple and tree[:1] == ("same",):
+                table[key] = _at_path(root, tree)  # a tied weight, tied again (to a new tensor if need be)
                 continue
             if type(tree) is tuple and tree[:1] == ("argument",):
                 table[key] = transcript.HANDLES.argument(tree)
@@ -683,17 +694,52 @@ def _write_back_parts(given, attributes, parameters, buffers, submodules) -> Non
         current = given._modules.get(key)
         tag = tree[0] if type(tree) is tuple and tree else None
         if tag == "handle" and current is not None and _same_handle(current, tree):
-            _write_back(current, tree)
+            _write_back_parts(current, *tree[5:], root=root, path=prefix + key)
         elif tag == "torchmodule" and len(tree) == 7 and current is not None \
                 and (type(current).__module__, type(current).__qualname__) == tree[1:3]:
-            _write_back_parts(current, *tree[3:])
+            _write_back_parts(current, *tree[3:], root=root, path=prefix + key, prune=prune)
         elif tag == "argument" and current is transcript.HANDLES.argument(tree):
             pass
         else:
             try:
-                given._modules[key] = transcript.HANDLES.submodule(tree, {}, key)
+                given._modules[key] = transcript.HANDLES.submodule(tree, _Tied(root), prefix + key)
             except (ValueError, AttributeError):
                 raise Mismatch("a submodule recorded malformed") from None
+
+
+def _at_path(root, tree):
+    """The judge's tensor a recorded ``("same", "a.b.weight")`` names: through ``root``'s submodules
+    to a parameter, buffer or attribute."""
+    if type(tree) is not tuple or len(tree) != 2 or type(tree[1]) is not str:
+        raise Mismatch("a recorded reference to no tensor")
+    *modules, name = tree[1].split(".")
+    owner = root
+    for part in modules:
+        owner = getattr(owner, "_modules", {}).get(part)
+        if owner is None:
+            raise Mismatch("a recorded reference to no tensor")
+    for table in (getattr(owner, "_parameters", {}), getattr(owner, "_buffers", {}), vars(owner)):
+        if isinstance(table.get(name), torch.Tensor):
+            return table[name]
+    raise Mismatch("a recorded reference to no tensor")
+
+
+class _Tied(dict):
+    """The tensors a new submodule may share, by path from ``root`` (``StandIns.fill``'s ``seen``):
+    the judge's own, already written back."""
+
+    def __init__(self, root):
+        super().__init__()
+        self.root = root
+
+    def __contains__(self, path):
+        try:
+            return super().__contains__(path) or self[path] is not None
+        except Mismatch:
+            return False
+
+    def __missing__(self, path):
+        return _at_path(self.root, ("same", path))
 
 
 def _replaceable(item, tree) -> bool:
@@ -713,7 +759,8 @@ def _replaceable(item, tree) -> bool:
             or tree[1].dtype != item.dtype
     if isinstance(item, dict) and tag not in ("dict", "odict", "defaultdict"):
         return True
-    if isinstance(item, (list, dict, torch.nn.Module, torch.Generator)) or tag in ("stateful", "object", "module"):
+    if isinstance(item, (list, dict, torch.nn.Module, torch.Generator)) or tag in ("stateful", "object", "module",
+                                                                                  "torchmodule"):
         return False
     if isinstance(item, tuple) and tag in ("list", "tuple") and len(tree[1]) == len(item):
         return False  # its items were written back (a tuple of tensors changed in place)

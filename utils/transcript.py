@@ -112,6 +112,11 @@ def encode(value, brief: bool = False, versions: dict | None = None):
     if _trusted(kind) and dataclasses.is_dataclass(value):
         return ("dataclass", kind.__module__, kind.__qualname__,
                 [(f.name, encode(getattr(value, f.name), brief, versions)) for f in dataclasses.fields(value)])
+    if isinstance(value, torch.nn.Module) and HANDLES is not None:
+        try:  # by its parts, submodules and ties included (``utils/handles.py``)
+            return HANDLES.encode_module(value, brief, versions)
+        except Opaque:
+            pass
     if isinstance(value, torch.nn.Module) and (_trusted(kind) or HANDLES is not None):
         # Compared and written back by its tensors, its modes (train or eval) and its own attributes
         # that are plain data (a log of its calls); the judge holds its own object of the same class
@@ -267,6 +272,8 @@ def decode(tree):
         return tensor
     if tag == "handle" and HANDLES is not None and hasattr(HANDLES, "decode"):
         return HANDLES.decode(tree)
+    if tag == "torchmodule" and HANDLES is not None and hasattr(HANDLES, "submodule"):
+        return HANDLES.submodule(tree, {}, "")  # a module of torch's or the course's the student made
     if tag == "argument" and HANDLES is not None:
         return HANDLES.argument(tree)
     if tag == "generator" and len(rest) == 1 and type(rest[0]) is torch.Tensor:
