@@ -93,6 +93,7 @@ def _main():
             else:
                 namespace[name] = Unavailable(name)
         transcript.set_global_state(record["state"])
+        replayed.handles.namespace = namespace  # the test's own classes, by name
         transcript.HANDLES = replayed.handles  # the student's objects: stand-ins (utils/handles.py)
         replay.ACTIVE = replayed  # ranks a test launches replay their own calls (utils/distributed.py)
         return namespace, replayed

@@ -394,3 +394,68 @@ def test_a_course_model_rebuilt_in_place_is_rebuilt_in_the_judge_too():
         transcript.HANDLES = None
     assert judge.finished() and torch.allclose(first[0], second[0]) and first[0].shape[-1] == 24
     assert first[1:] == second[1:] == (True, 24, 24)
+
+
+TEST_ADAPTER = '''
+class TestAdapter(nn.Module):
+    def __init__(self, base, r=2):
+        super().__init__()
+        self.base = base
+        self.lora_A = nn.Parameter(torch.randn(r, base.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r))
+
+    def forward(self, x):
+        return self.base(x) + x @ self.lora_A.T @ self.lora_B.T
+'''
+
+
+def test_layers_wrapped_in_the_tests_own_class_stay_the_judges_own_layers():
+    """Phase 5's add_lora: the test hands the student's function a class of its own (or a function
+    making one); the student's code wraps layers of the test's model in it. The judge builds the
+    same wrappers around its own layers (the very objects, as the test checks with ``is``)."""
+    from utils.transformer import GPT, GPTConfig
+
+    def add_lora(model, targets, make):
+        found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in targets]
+        for name, layer in found:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, make(layer))
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.split(".")[-1].startswith("lora_"))
+        return model
+
+    def test(add_lora, namespace):
+        adapter = namespace["TestAdapter"]
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8))
+        originals = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        add_lora(model, {"c_attn"}, adapter)
+        made = []
+        add_lora(model, ("c_fc",), lambda layer: made.append(layer) or adapter(layer, 1))
+        wrapped = sorted(n for n, m in model.named_modules() if isinstance(m, adapter))
+        same_layers = all(model.get_submodule(n).base is originals[n] for n in wrapped)
+        trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+        return wrapped, same_layers, trainable, [any(m is o for o in originals.values()) for m in made]
+
+    def namespace():
+        ns = {"__name__": "__main__", "torch": torch, "nn": nn}
+        exec(compile(TEST_ADAPTER, "<test ex5>", "exec"), ns)
+        return ns
+
+    recorder = replay.Recorder(plain, is_student_class)
+    transcript.HANDLES = recorder.handles
+    try:
+        first = test(recorder.wrap(add_lora, "add_lora"), namespace())
+    finally:
+        transcript.HANDLES = None
+    calls = transcript.from_bytes(transcript.to_bytes({"calls": recorder.calls}))["calls"]
+    judge = replay.Replay(calls)
+    judge.handles.namespace = namespace()
+    transcript.HANDLES = judge.handles
+    try:
+        second = test(judge.stub("add_lora"), judge.handles.namespace)
+    finally:
+        transcript.HANDLES = None
+    assert judge.finished() and first == second
+    assert len(second[0]) == 4 and second[1] is True and all(second[3]) and len(second[3]) == 2
+    assert all(n.endswith(("lora_A", "lora_B")) for n in second[2]) and len(second[2]) == 8

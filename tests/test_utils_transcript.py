@@ -36,7 +36,7 @@ def test_anything_else_is_opaque_and_a_malformed_record_is_refused():
     class Student:
         pass
 
-    for value in (Student(), iter([1]), torch.nn.Linear(2, 2).__class__, lambda: 1):
+    for value in (Student(), iter([1]), Student, {Student()}, lambda: 1):
         with pytest.raises(transcript.Opaque):
             transcript.encode(value)
     for tree in (("dtype", "manual_seed"), ("dataclass", "os", "path", []), ("nope", 1), ("value", object()),

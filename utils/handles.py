@@ -85,6 +85,10 @@ class Handles:
         self.arguments, self._paths = None, None
         # >0 while an object's parts are written down: only there is an argument a reference.
         self.inside = 0
+        # Where each module inside the call's module arguments was when the call started (see
+        # ``module_places``): a layer the call moved (wrapped in an adapter) is written down as
+        # ``("was", path, name, parts)``, so that the judge moves its own layer, not a copy.
+        self.places, self.root = None, None
 
     def argument_slot(self, item):
         """``("argument", path)`` when ``item`` is an argument of that call or held in one (a
@@ -109,6 +113,24 @@ class Handles:
     def describe(self, cls) -> tuple:
         raise NotImplementedError
 
+    @staticmethod
+    def test_class(cls) -> bool:
+        """A class the test (or the set-up cell) defined, written down by its name and its parts: its
+        own methods were compiled from a test cell (the harnesses name them ``<test ...>``)."""
+        return cls.__module__ == "__main__" and any(
+            isinstance(member, types.FunctionType) and member.__code__.co_filename.startswith(("<test", "<setup>"))
+            for member in vars(cls).values())
+
+    def moved(self, item, here: str):
+        """``(argument path, name)`` where the module ``item`` was when the call started, if it was
+        somewhere else than ``here`` (its name under the module being written down)."""
+        if self.places is None:
+            return None
+        found = self.places.get(id(item))
+        if found is None or found[0] is not item or (self.root is not None and found[1] == (self.root, here)):
+            return None
+        return found[1]
+
     def number(self, value) -> int:
         if id(value) not in self.numbers:
             self.numbers[id(value)] = len(self.objects)
@@ -120,7 +142,7 @@ class Handles:
         submodules)`` (see ``describe`` and ``_parts``)."""
         known = len(self.objects)
         number = self.number(value)
-        self.inside += 1
+        root = self._enter(value)
         try:
             return ("handle", number, *self.describe(type(value)),
                     *_parts(self, value, brief, versions, {} if seen is None else seen, path))
@@ -132,7 +154,25 @@ class Handles:
             del self.objects[known:]
             raise
         finally:
-            self.inside -= 1
+            self._leave(root)
+
+    def _enter(self, value):
+        """Start writing down ``value``'s parts; at the top, note which argument it is (``moved``
+        compares a layer's place with where it is now). Returns what ``_leave`` restores."""
+        saved = self.root
+        if not self.inside:
+            self.root = None
+            if self.places is not None and self.arguments is not None:
+                if self._paths is None:
+                    self._paths = argument_paths(*self.arguments)
+                found = self._paths.get(id(value))
+                self.root = found[1] if found is not None and found[0] is value else None
+        self.inside += 1
+        return saved
+
+    def _leave(self, saved) -> None:
+        self.inside -= 1
+        self.root = saved
 
 
     def encode_module(self, value, brief: bool, versions):
@@ -140,18 +180,22 @@ class Handles:
         module of torch's, the course's or the test's, by its parts (a tied weight once, then as
         ``("same", path)``), so that the judge can write back a submodule or weight the call
         replaced; ``Opaque`` when a part cannot cross (a submodule of another library's)."""
+        if not (transcript._trusted(type(value)) or self.test_class(type(value))):
+            raise transcript.Opaque(type(value).__name__)
         known = len(self.objects)
-        self.inside += 1
+        root = self._enter(value)
         try:
-            return ("torchmodule", type(value).__module__, type(value).__qualname__,
-                    *_parts(self, value, brief, versions, {}, ""))
+            parts = ("torchmodule", type(value).__module__, type(value).__qualname__,
+                     *_parts(self, value, brief, versions, {}, ""))
+            place = self.moved(value, "")  # a layer of an argument handed to a callback, say
+            return parts if place is None else ("was", place[0], place[1], parts)
         except transcript.Opaque:
             for dropped in self.objects[known:]:
                 del self.numbers[id(dropped)]
             del self.objects[known:]
             raise
         finally:
-            self.inside -= 1
+            self._leave(root)
 
 
 def argument_paths(args, kwargs) -> dict:
@@ -170,6 +214,17 @@ def argument_paths(args, kwargs) -> dict:
         elif type(value) is dict:
             pending += [(x, path + [k]) for k, x in value.items() if type(k) in (str, int)]
     return paths
+
+
+def module_places(args, kwargs) -> dict:
+    """``{id(module): (module, (argument path, name))}`` for every module inside a call's module
+    arguments (an argument itself named ``""``), the first place found for each."""
+    places = {}
+    for value, path in argument_paths(args, kwargs).values():
+        if isinstance(value, nn.Module):
+            for name, module in value.named_modules():
+                places.setdefault(id(module), (module, (path, name)))
+    return places
 
 
 def at(args, kwargs, path):
@@ -196,19 +251,20 @@ def at(args, kwargs, path):
 
 
 class given:
-    """``handles.arguments`` set to a call's arguments for the duration of a ``with`` block."""
+    """``handles.arguments`` set to a call's arguments (and ``handles.places`` to where the modules
+    in them were when it started: ``module_places``) for the duration of a ``with`` block."""
 
-    def __init__(self, handles, args, kwargs):
-        self.handles, self.arguments = handles, (list(args), dict(kwargs))
+    def __init__(self, handles, args, kwargs, places=None):
+        self.handles, self.arguments, self.places = handles, (list(args), dict(kwargs)), places
 
     def __enter__(self):
         if self.handles is not None:
-            self.saved = self.handles.arguments, self.handles._paths
-            self.handles.arguments, self.handles._paths = self.arguments, None
+            self.saved = self.handles.arguments, self.handles._paths, self.handles.places
+            self.handles.arguments, self.handles._paths, self.handles.places = self.arguments, None, self.places
 
     def __exit__(self, *exc):
         if self.handles is not None:
-            self.handles.arguments, self.handles._paths = self.saved
+            self.handles.arguments, self.handles._paths, self.handles.places = self.saved
 
 
 def _parts(handles, value, brief, versions, seen, path):
@@ -250,9 +306,11 @@ def _parts(handles, value, brief, versions, seen, path):
             submodules.append((key, handles.argument_slot(item)))
         elif handles.owns(item):
             submodules.append((key, handles.encode(item, brief, versions, seen, prefix + key)))
-        elif transcript._trusted(type(item)):
-            submodules.append((key, ("torchmodule", type(item).__module__, type(item).__qualname__,
-                                     *_parts(handles, item, brief, versions, seen, prefix + key))))
+        elif transcript._trusted(type(item)) or handles.test_class(type(item)):
+            parts = ("torchmodule", type(item).__module__, type(item).__qualname__,
+                     *_parts(handles, item, brief, versions, seen, prefix + key))
+            place = handles.moved(item, prefix + key)
+            submodules.append((key, parts if place is None else ("was", place[0], place[1], parts)))
         else:
             raise transcript.Opaque(type(item).__name__)
     return attributes, parameters, buffers, submodules
@@ -349,9 +407,29 @@ class StandIns(Handles):
     def __init__(self, replay):
         super().__init__()
         self.replay, self.classes = replay, {}
+        self.namespace: dict = {}  # the test's namespace, where its own classes are found by name
 
     def owns(self, value) -> bool:
         return getattr(type(value), "_stand_in_of", None) is not None and not isinstance(value, type)
+
+    def place(self, tree):
+        """The judge's module that was at a recorded ``("was", path, name, parts)`` place when the
+        call started."""
+        if self.places is None or len(tree) != 4 or type(tree[1]) not in (list, tuple) or type(tree[2]) is not str:
+            raise ValueError("a recorded place of no module")
+        for module, place in self.places.values():
+            if list(place[0]) == list(tree[1]) and place[1] == tree[2]:
+                return module
+        raise ValueError("a recorded place of no module")
+
+    def _class(self, module: str, qualname: str):
+        """A class of torch's or the course's, or one the test defined (looked up in its namespace)."""
+        if module == "__main__" and type(qualname) is str:
+            found = self.namespace.get(qualname)
+            if isinstance(found, type) and self.test_class(found) and found.__qualname__ == qualname:
+                return found
+            raise ValueError("not a recorded class")
+        return _trusted_class(module, qualname)
 
     def describe(self, cls) -> tuple:
         return cls._stand_in_of
@@ -460,9 +538,14 @@ class StandIns(Handles):
             return self.decode(tree, seen)
         if tag == "argument":
             return self.argument(tree)
+        if tag == "was" and len(tree) == 4:
+            module = self.place(tree)  # the judge's own layer, moved as the student's was
+            from utils.replay import write_back_module
+            write_back_module(module, tree[3])
+            return module
         if tag == "torchmodule" and len(tree) == 7 and type(tree[1]) is str and type(tree[2]) is str \
-                and tree[1].split(".")[0] in ("torch", "utils"):
-            cls = _trusted_class(tree[1], tree[2])
+                and tree[1].split(".")[0] in ("torch", "utils", "__main__"):
+            cls = self._class(tree[1], tree[2])
             if issubclass(cls, nn.Module):
                 module = cls.__new__(cls)
                 nn.Module.__init__(module)

@@ -145,7 +145,8 @@ class Recorder:
                 def called(*a, **k):
                     step = {"slot": slot}
                     callbacks.append(step)
-                    with unseen():
+                    # A layer of an argument handed over (an adapter's base) crosses as its place.
+                    with unseen(), _handles.given(recorder.handles, args, kwargs, places):
                         try:
                             step["args"] = encode((list(a), k))
                         except Opaque as error:
@@ -155,7 +156,7 @@ class Recorder:
                     except BaseException as error:
                         step["raised"] = type(error).__name__
                         raise
-                    with unseen():
+                    with unseen(), _handles.given(recorder.handles, args, kwargs, places):
                         try:
                             step["result"] = encode(value)
                         except Opaque as error:
@@ -163,6 +164,7 @@ class Recorder:
                     return value
                 return called
 
+            places = _handles.module_places(args, kwargs)  # where the layers were: one may be moved
             with unseen():
                 versions = versions_of((args, kwargs))
                 try:
@@ -204,7 +206,7 @@ class Recorder:
                 result = recorder.plain(value, f"the value returned by {name}")
             except BaseException as error:
                 entry["raised"] = type(error).__name__
-                with unseen(), _handles.given(recorder.handles, args, kwargs):
+                with unseen(), _handles.given(recorder.handles, args, kwargs, places):
                     try:  # what it changed before raising (a cache that took a block, then found none)
                         entry["after"] = encode(_with_callbacks(args, kwargs, lambda slot, f: Callback(slot)),
                                                 versions=versions)
@@ -229,7 +231,7 @@ class Recorder:
                     changes = state_changes(before, global_state())
                     if changes:  # the judge must draw the same random numbers next
                         entry["state"] = encode(changes)
-            with unseen(), _handles.given(recorder.handles, args, kwargs):
+            with unseen(), _handles.given(recorder.handles, args, kwargs, places):
                 try:
                     entry["after"] = encode(_with_callbacks(args, kwargs, lambda slot, f: Callback(slot)),
                                             versions=versions)
@@ -317,7 +319,8 @@ class Replay:
             args, kwargs = _read_iterators(args, kwargs)
             with unseen():  # the judge's reading of the arguments, as the recorder's: not the student's work
                 entry = replay._entry(name, args, kwargs)
-            replay.call_back(entry.get("callbacks"), args, kwargs)
+            places = _handles.module_places(args, kwargs)
+            replay.call_back(entry.get("callbacks"), args, kwargs, places)
             if "traffic" in entry:  # sent for real, seen by the test's communication log
                 try:
                     _traffic.replay(entry["traffic"])
@@ -333,12 +336,12 @@ class Replay:
                 set_global_state(entry["state"])
             if "raised" in entry:
                 if "after" in entry:
-                    with unseen(), _handles.given(replay.handles, args, kwargs):
+                    with unseen(), _handles.given(replay.handles, args, kwargs, places):
                         _write_back(_with_callbacks(args, kwargs, lambda slot, f: Callback(slot)), entry["after"])
                 raise ERRORS.get(entry["raised"], RuntimeError)()
             if "result" not in entry:
                 raise Mismatch(f"the recorded call of {name} has no result")
-            with unseen(), _handles.given(replay.handles, args, kwargs):
+            with unseen(), _handles.given(replay.handles, args, kwargs, places):
                 _write_back(_with_callbacks(args, kwargs, lambda slot, f: Callback(slot)), entry["after"])
                 result = _argument(entry["result"], args, kwargs)
                 if computed is not None:
@@ -358,7 +361,7 @@ class Replay:
         return replayed
 
     @staticmethod
-    def call_back(steps, args, kwargs) -> None:
+    def call_back(steps, args, kwargs, places=None) -> None:
         """Make the calls the student's code made to the test's functions, with the recorded
         arguments, in order; each must answer what the student's code was told."""
         if type(steps) is not list:
@@ -372,7 +375,8 @@ class Replay:
                 raise Mismatch("a callback the test did not pass") from None
             if not _is_callback(callback):
                 raise Mismatch("a callback the test did not pass")
-            a, k = decode(step.get("args"))
+            with _handles.given(transcript.HANDLES, args, kwargs, places):
+                a, k = decode(step.get("args"))
             if type(a) is not list or type(k) is not dict or any(type(name) is not str for name in k):
                 raise Mismatch("the recorded callbacks are malformed")
             try:
@@ -383,7 +387,9 @@ class Replay:
                 if step.get("raised") != type(error).__name__:
                     raise Mismatch("a callback raised where the recorded run's did not") from None
                 continue
-            if "raised" in step or not same(encode(value), step.get("result")):
+            with unseen(), _handles.given(transcript.HANDLES, args, kwargs, places):
+                answered = encode(value)
+            if "raised" in step or not same(answered, step.get("result")):
                 raise Mismatch("a callback answered otherwise than in the recorded run")
 
     @staticmethod
@@ -535,9 +541,7 @@ def _write_back(given, tree) -> None:
             raise Mismatch("an object of the student's class was not recorded as itself")
         _write_back_parts(given, *tree[5:])
     elif tag == "torchmodule" and isinstance(given, torch.nn.Module):
-        if len(tree) != 7 or (type(given).__module__, type(given).__qualname__) != tree[1:3]:
-            raise Mismatch("a module argument was not recorded as one")
-        _write_back_parts(given, *tree[3:], prune=False)
+        write_back_module(given, tree)
     elif isinstance(given, torch.nn.Module):
         modules = list(given.modules())
         if tag != "module" or len(tree) != 6 or type(tree[4]) is not list or len(tree[4]) != len(modules) \
@@ -700,11 +704,31 @@ def _write_back_parts(given, attributes, parameters, buffers, submodules, root=N
             _write_back_parts(current, *tree[3:], root=root, path=prefix + key, prune=prune)
         elif tag == "argument" and current is transcript.HANDLES.argument(tree):
             pass
+        elif tag == "was" and len(tree) == 4 and type(tree[3]) is tuple and len(tree[3]) == 7:
+            try:
+                target = transcript.HANDLES.place(tree)  # the judge's own layer, moved here
+            except ValueError:
+                raise Mismatch("a recorded layer that was nowhere") from None
+            given._modules[key] = target
+            _write_back_module(target, tree[3], root, prefix + key, prune)
         else:
             try:
                 given._modules[key] = transcript.HANDLES.submodule(tree, _Tied(root), prefix + key)
             except (ValueError, AttributeError):
                 raise Mismatch("a submodule recorded malformed") from None
+
+
+def write_back_module(module, tree) -> None:
+    """What a call did to a module of torch's, the course's or the test's, recorded by its parts
+    (``("torchmodule", ...)``), done to the judge's."""
+    _write_back_module(module, tree, None, "", False)
+
+
+def _write_back_module(module, tree, root, path, prune) -> None:
+    if type(tree) is not tuple or len(tree) != 7 or tree[0] != "torchmodule" \
+            or (type(module).__module__, type(module).__qualname__) != tree[1:3]:
+        raise Mismatch("a module was not recorded as one")
+    _write_back_parts(module, *tree[3:], root=root, path=path, prune=prune)
 
 
 def _at_path(root, tree):
