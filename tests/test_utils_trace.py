@@ -111,3 +111,31 @@ def test_random_operators_draw_the_same_numbers_in_the_judge():
     assert any(op[3] is not None for op in calls[0]["trace"]["ops"])
     second = judged(calls, test, "dropout")
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1]) and first[2] == second[2]
+
+
+def test_a_forged_trace_cannot_make_the_judge_touch_files_or_raw_memory(tmp_path):
+    first, calls = recorded([tiled], one_pass, "tiled")
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(bytes(64))
+    for op in (("aten.from_file.default", ("list", [("v", str(secret)), ("v", True), ("v", 16)]), ("list", []), None),
+               ("aten._print.default", ("list", [("v", "leaked")]), ("list", []), None),
+               ("aten.set_.source_Tensor", ("list", [("t", ("const", 0)), ("t", ("const", 0))]), ("list", []), None)):
+        forged = transcript.from_bytes(transcript.to_bytes(calls))
+        forged[0]["trace"]["ops"].insert(0, op)
+        with pytest.raises(replay.Mismatch, match="does not run"):
+            judged(forged, one_pass, "tiled")
+    assert secret.read_bytes() == bytes(64)
+
+
+def test_a_student_s_call_of_a_refused_operator_leaves_the_test_to_a_person():
+    def student(x):
+        print_ = torch.ops.aten._print.default
+        print_("a student's debugging line")
+        return x * 2
+
+    def test(f):
+        with checks.LargestTensor():
+            return f(torch.ones(3))
+
+    _, calls = recorded([student], test, "student")
+    assert calls[0]["undecidable"] is True and "_print" in calls[0]["opaque"]

@@ -57,6 +57,10 @@ def watched() -> bool:
 _SCALARS = (bool, int, float, complex, str, type(None))
 # Operators that compute nothing (the profiler's marks around ``optimizer.step``): left out of a trace.
 _BOOKKEEPING = ("profiler",)
+# Operators the judge never runs from a record: they read or write files or the console, move a
+# tensor onto other memory, or index without checking bounds. A call that ran one is left to a person.
+_REFUSED = ("from_file", "_print", "set_", "set", "resize_", "resize_as_", "_resize_output_", "record_stream",
+            "_unsafe_index", "_unsafe_index_put", "_unsafe_masked_index", "_unsafe_masked_index_put_accumulate")
 _NAMED = {torch.dtype: "dtype", torch.device: "device", torch.layout: "layout", torch.memory_format: "format"}
 
 
@@ -126,8 +130,8 @@ class Trace(TorchDispatchMode):
         if namespace in _BOOKKEEPING:
             pass
         elif self.problem is None and not self.communicated:
-            if namespace != "aten" or len(self.ops) >= LONGEST:
-                self.problem = f"the operator {func}" if namespace != "aten" else "a trace too long"
+            if namespace != "aten" or func.overloadpacket.__name__ in _REFUSED or len(self.ops) >= LONGEST:
+                self.problem = "a trace too long" if len(self.ops) >= LONGEST else f"the operator {func}"
             else:
                 try:
                     record = [str(func), self._encode(list(args)), self._encode(list(kwargs.items())), None]
@@ -172,8 +176,8 @@ class Trace(TorchDispatchMode):
 def _operator(name):
     """The ``aten`` operator a trace names (``aten.mm.default``), found by attribute, never evaluated."""
     parts = name.split(".") if type(name) is str else []
-    if len(parts) != 3 or parts[0] != "aten" or not all(p.isidentifier() for p in parts[1:]):
-        raise ValueError("a trace names an operator outside aten")
+    if len(parts) != 3 or parts[0] != "aten" or not all(p.isidentifier() for p in parts[1:]) or parts[1] in _REFUSED:
+        raise ValueError("a trace names an operator outside aten, or one the judge does not run")
     packet = getattr(torch.ops.aten, parts[1], None)
     operator = getattr(packet, parts[2], None) if packet is not None else None
     if not isinstance(operator, torch._ops.OpOverload):
