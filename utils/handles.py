@@ -540,7 +540,7 @@ class StandIns(Handles):
             return self.argument(tree)
         if tag == "was" and len(tree) == 4:
             module = self.place(tree)  # the judge's own layer, moved as the student's was
-            from utils.replay import write_back_module
+            from utils.write_back import write_back_module
             write_back_module(module, tree[3])
             return module
         if tag == "torchmodule" and len(tree) == 7 and type(tree[1]) is str and type(tree[2]) is str \

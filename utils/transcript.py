@@ -42,6 +42,16 @@ class Iterated(list):
     its items, read before the call; the function is handed a fresh iterator over them."""
 
 
+class Mismatch(BaseException):
+    """The test's calls in the judge differ from the recorded ones. A BaseException, so that a test's
+    own ``except Exception`` cannot swallow it."""
+
+
+class Undecidable(Mismatch):
+    """The student's function returned (or left in an argument) a value that cannot cross as data:
+    the judge cannot decide the test, and a person should look."""
+
+
 class Opaque(Exception):
     """A value that cannot cross as plain data (its type's name is the message)."""
 
