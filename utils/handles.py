@@ -19,6 +19,7 @@ and ``transcript.decode`` use the active one (``transcript.HANDLES``).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import types
 
@@ -142,23 +143,28 @@ class Handles:
         submodules)`` (see ``describe`` and ``_parts``)."""
         known = len(self.objects)
         number = self.number(value)
-        root = self._enter(value)
-        try:
+        with self._writing(value, known):
             return ("handle", number, *self.describe(type(value)),
                     *_parts(self, value, brief, versions, {} if seen is None else seen, path))
-        except transcript.Opaque:
-            # Not written down after all: the numbers it and its parts took are given back, so that
-            # both sides keep numbering alike.
-            for dropped in self.objects[known:]:
-                del self.numbers[id(dropped)]
-            del self.objects[known:]
-            raise
-        finally:
-            self._leave(root)
 
-    def _enter(self, value):
-        """Start writing down ``value``'s parts; at the top, note which argument it is (``moved``
-        compares a layer's place with where it is now). Returns what ``_leave`` restores."""
+    def encode_module(self, value, brief: bool, versions):
+        """``("torchmodule", module, qualname, attributes, parameters, buffers, submodules)``: a
+        module of torch's, the course's or the test's, by its parts (a tied weight once, then as
+        ``("same", path)``), so that the judge can write back a submodule or weight the call
+        replaced; ``Opaque`` when a part cannot cross (a submodule of another library's)."""
+        if not (transcript._trusted(type(value)) or self.test_class(type(value))):
+            raise transcript.Opaque(type(value).__name__)
+        with self._writing(value, len(self.objects)):
+            parts = ("torchmodule", type(value).__module__, type(value).__qualname__,
+                     *_parts(self, value, brief, versions, {}, ""))
+            place = self.moved(value, "")  # a layer of an argument handed to a callback, say
+            return parts if place is None else ("was", place[0], place[1], parts)
+
+    @contextlib.contextmanager
+    def _writing(self, value, known: int):
+        """Around writing down ``value``'s parts. At the top, it notes which argument ``value`` is
+        (``moved`` compares a layer's place with where it is now); if a part cannot cross, the
+        numbers taken since ``known`` are given back, so that both sides keep numbering alike."""
         saved = self.root
         if not self.inside:
             self.root = None
@@ -168,34 +174,16 @@ class Handles:
                 found = self._paths.get(id(value))
                 self.root = found[1] if found is not None and found[0] is value else None
         self.inside += 1
-        return saved
-
-    def _leave(self, saved) -> None:
-        self.inside -= 1
-        self.root = saved
-
-
-    def encode_module(self, value, brief: bool, versions):
-        """``("torchmodule", module, qualname, attributes, parameters, buffers, submodules)``: a
-        module of torch's, the course's or the test's, by its parts (a tied weight once, then as
-        ``("same", path)``), so that the judge can write back a submodule or weight the call
-        replaced; ``Opaque`` when a part cannot cross (a submodule of another library's)."""
-        if not (transcript._trusted(type(value)) or self.test_class(type(value))):
-            raise transcript.Opaque(type(value).__name__)
-        known = len(self.objects)
-        root = self._enter(value)
         try:
-            parts = ("torchmodule", type(value).__module__, type(value).__qualname__,
-                     *_parts(self, value, brief, versions, {}, ""))
-            place = self.moved(value, "")  # a layer of an argument handed to a callback, say
-            return parts if place is None else ("was", place[0], place[1], parts)
+            yield
         except transcript.Opaque:
             for dropped in self.objects[known:]:
                 del self.numbers[id(dropped)]
             del self.objects[known:]
             raise
         finally:
-            self._leave(root)
+            self.inside -= 1
+            self.root = saved
 
 
 def argument_paths(args, kwargs) -> dict:
