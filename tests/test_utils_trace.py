@@ -139,3 +139,27 @@ def test_a_student_s_call_of_a_refused_operator_leaves_the_test_to_a_person():
 
     _, calls = recorded([student], test, "student")
     assert calls[0]["undecidable"] is True and "_print" in calls[0]["opaque"]
+
+
+def test_neither_side_keeps_a_tensor_alive_longer_than_the_student_s_code():
+    """A test watching peak memory: the recorder holds no operator output, and the judge lets each
+    go after the last operator that reads it, so both measure the student's own peak."""
+    from utils.memory_accounting import PeakMemory
+
+    def student(x):
+        total = x.sum()
+        for _ in range(10):
+            total = total + (x * 2).sum()     # a temporary as large as x, let go at once
+        return total
+
+    def test(f):
+        x = torch.ones(256, 1024)
+        with PeakMemory(x) as peak:
+            out = f(x)
+        return out, peak.peak - peak.start
+
+    first, calls = recorded([student], test, "student")
+    second = judged(calls, test, "student")
+    assert torch.equal(first[0], second[0])
+    size = 256 * 1024 * 4
+    assert size <= first[1] < 2 * size and size <= second[1] < 2 * size

@@ -17,6 +17,8 @@ and the test to a person.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -86,16 +88,22 @@ class Trace(TorchDispatchMode):
     def __init__(self, args, kwargs):
         super().__init__()
         self.paths = _handles.argument_paths(args, kwargs)
-        self.refs: dict[int, tuple] = {}   # id(tensor) -> (tensor, reference)
+        # id(tensor) -> (weak reference to it, its reference in the trace): weak, so that the
+        # trace keeps no tensor alive longer than the student's code does.
+        self.refs: dict[int, tuple] = {}
         self.ops: list = []
         self.consts: list = []
         self.problem: str | None = None
         self.communicated = False
 
-    def _reference(self, tensor):
+    def _known(self, tensor):
         known = self.refs.get(id(tensor))
-        if known is not None and known[0] is tensor:
-            return known[1]
+        return known[1] if known is not None and known[0]() is tensor else None
+
+    def _reference(self, tensor):
+        known = self._known(tensor)
+        if known is not None:
+            return known
         found = self.paths.get(id(tensor))
         if found is not None and found[0] is tensor:
             reference = ("arg", found[1])
@@ -105,7 +113,7 @@ class Trace(TorchDispatchMode):
             with unseen():
                 self.consts.append(tensor.detach().clone())
             reference = ("const", len(self.consts) - 1)
-        self.refs[id(tensor)] = (tensor, reference)
+        self.refs[id(tensor)] = (weakref.ref(tensor), reference)
         return reference
 
     def _encode(self, value):
@@ -144,7 +152,7 @@ class Trace(TorchDispatchMode):
             index = len(self.ops)
             self.ops.append(tuple(record))
             for position, tensor in enumerate(t for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor)):
-                self.refs[id(tensor)] = (tensor, ("out", index, position))
+                self.refs[id(tensor)] = (weakref.ref(tensor), ("out", index, position))
         return result
 
     def result_refs(self, value) -> list | None:
@@ -154,9 +162,9 @@ class Trace(TorchDispatchMode):
         map_tensors(flat.append, value)
         refs = []
         for tensor in flat:
-            known = self.refs.get(id(tensor))
-            if known is not None and known[0] is tensor:
-                refs.append(known[1])
+            known = self._known(tensor)
+            if known is not None:
+                refs.append(known)
             else:
                 found = self.paths.get(id(tensor))
                 refs.append(("arg", found[1]) if found is not None and found[0] is tensor else None)
@@ -196,6 +204,14 @@ def run(trace, args, kwargs) -> list:
     with unseen():  # the values first met in the student's call existed before it: not new memory
         consts = [c.clone() for c in trace["consts"]]
     outputs: list[list] = []
+    # Each output is let go after the last operator that reads it, as the student's code let it go
+    # (the test's modes may watch memory); the result's are kept.
+    last_use: dict = {}
+    for index, op in enumerate(trace["ops"]):
+        for reference in _outputs_read(op):
+            last_use[reference] = index
+    kept = {tuple(r[1:]) for r in trace["result"] if type(r) is tuple and len(r) == 3 and r[0] == "out"}
+    release: dict[int, list] = {}  # operator index -> the outputs to let go after it
 
     def tensor(reference):
         if type(reference) is not tuple or not reference:
@@ -206,7 +222,8 @@ def run(trace, args, kwargs) -> list:
                 raise ValueError("a trace names an argument that is not a tensor")
             return found
         if reference[0] == "out" and len(reference) == 3 and type(reference[1]) is int and type(reference[2]) is int \
-                and 0 <= reference[1] < len(outputs) and 0 <= reference[2] < len(outputs[reference[1]]):
+                and 0 <= reference[1] < len(outputs) and 0 <= reference[2] < len(outputs[reference[1]]) \
+                and outputs[reference[1]][reference[2]] is not None:
             return outputs[reference[1]][reference[2]]
         if reference[0] == "const" and len(reference) == 2 and type(reference[1]) is int \
                 and 0 <= reference[1] < len(consts):
@@ -251,10 +268,32 @@ def run(trace, args, kwargs) -> list:
                     raise
                 except Exception as error:  # noqa: BLE001 - a forged trace: shapes that do not fit
                     raise ValueError(f"a traced {op[0]} cannot run here ({type(error).__name__})") from None
+                index = len(outputs)
                 outputs.append([t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)])
+                del out, given, named
+                for position in range(len(outputs[index])):
+                    if (index, position) not in kept:
+                        release.setdefault(max(index, last_use.get((index, position), index)), []).append(
+                            (index, position))
+                for i, j in release.pop(index, ()):  # read by no later operator
+                    outputs[i][j] = None
     finally:
         torch.set_rng_state(state)
     return [None if reference is None else tensor(reference) for reference in trace["result"]]
+
+
+def _outputs_read(tree) -> list:
+    """The ``(operator, position)`` outputs a recorded operator reads (a tolerant walk: ``run``
+    checks the form)."""
+    found, pending = [], [tree]
+    while pending:
+        item = pending.pop()
+        if type(item) is tuple and len(item) == 2 and item[0] == "t" and type(item[1]) is tuple \
+                and len(item[1]) == 3 and item[1][0] == "out":
+            found.append(tuple(item[1][1:]))
+        elif type(item) in (tuple, list):
+            pending.extend(item)
+    return found
 
 
 def check(computed: list, result) -> None:
