@@ -171,7 +171,8 @@ class Recorder:
             given_args, given_kwargs = _iterators_again(*_with_callbacks(args, kwargs, watched))
             # Layers of its module arguments that carry a hook (a test counting which layers ran):
             # their calls inside this one are recorded, for the judge to fire its own layers' hooks.
-            hooked = _hooked_layers(args, kwargs)
+            hooked = {key: (layer, place) for key, (layer, place) in places.items()
+                      if layer._forward_hooks or layer._forward_pre_hooks}
             if hooked:
                 entry["layers"] = []
 
@@ -434,18 +435,6 @@ class Replay:
 
     def ranks_done(self, calls: list) -> None:
         pass
-
-
-def _hooked_layers(args, kwargs) -> dict:
-    """``{id(layer): (layer, (argument path, dotted name))}`` for the layers of the modules among a
-    call's arguments that carry a forward hook or pre-hook."""
-    found = {}
-    for value, path in _handles.argument_paths(args, kwargs).values():
-        if isinstance(value, torch.nn.Module):
-            for name, layer in value.named_modules():
-                if (layer._forward_hooks or layer._forward_pre_hooks) and id(layer) not in found:
-                    found[id(layer)] = (layer, (path, name))
-    return found
 
 
 def _fire_hooks(steps, args, kwargs) -> None:

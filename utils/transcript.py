@@ -166,12 +166,13 @@ def _file(path, brief: bool):
     """What the file at ``path`` holds: its bytes (a digest when ``brief``: arguments are only
     compared), None when there is no file. The test's folders have other names in the judge (a
     temporary directory): a path is compared by its last part and by what the file holds."""
+    path = pathlib.Path(path)
     try:
-        if not pathlib.Path(path).is_file():
+        if not path.is_file():
             return None
-        if pathlib.Path(path).stat().st_size > LARGEST_FILE:
+        if path.stat().st_size > LARGEST_FILE:
             raise Opaque("a file over 16 MB")
-        content = pathlib.Path(path).read_bytes()
+        content = path.read_bytes()
     except OSError:
         return None
     return ("sha256", hashlib.sha256(content).hexdigest()) if brief else content

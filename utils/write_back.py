@@ -258,9 +258,10 @@ class _Tied(dict):
 
     def __contains__(self, path):
         try:
-            return super().__contains__(path) or self[path] is not None
+            self[path]
         except Mismatch:
             return False
+        return True
 
     def __missing__(self, path):
         return _at_path(self.root, ("same", path))
